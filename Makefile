@@ -1,0 +1,36 @@
+# Two commands matter: `make demo` and `make test`. Both install what they need first.
+# Uses the active virtual environment when there is one, otherwise creates .venv.
+ifdef VIRTUAL_ENV
+PYTHON := $(VIRTUAL_ENV)/bin/python
+else
+PYTHON := .venv/bin/python
+endif
+# The CPU build of torch on these machines; GPU users override it (or install their own torch first).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(dir $(PYTHON)).sdistill-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@[ -x "$(PYTHON)" ] || python3 -m venv .venv
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	@# Keep the installed torch: extras must not pull another build (and its CUDA wheels).
+	@$(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $(dir $(PYTHON)).torch-constraint.txt
+	$(PYTHON) -m pip install -q -c $(dir $(PYTHON)).torch-constraint.txt -e ".[dev,weights]"
+	@touch $@
+
+test: install
+	$(PYTHON) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+demo: install
+	$(PYTHON) -m solverdistill sample --model gmm:cifar --solver dpm++ --nfe 10 --num 64 --seed 0 --out out/demo
+	@echo "grid written to out/demo/grid.png"
+
+bench: install
+	$(PYTHON) -m solverdistill bench
+
+clean:
+	rm -rf out .pytest_cache

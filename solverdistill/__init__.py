@@ -1,0 +1,3 @@
+"""solverdistill: fast few-step solvers for pretrained diffusion models."""
+
+__version__ = "0.1.0"

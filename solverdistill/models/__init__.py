@@ -1,0 +1,87 @@
+"""Model specs resolved to denoisers. Backends register a scheme (`gmm`, `python`, ...); a new backend is one
+`register_backend` call (or an entry point in the group `solverdistill.backends`) and touches no engine code."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import yaml
+
+from ..errors import BadInput
+from .base import Denoiser, Wrapped
+
+
+@dataclass
+class Backend:
+    scheme: str
+    load: Callable[[str, str], Denoiser]  # (body after "scheme:", full spec) -> denoiser
+    help: str
+    examples: tuple[str, ...] = ()
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(scheme: str, load: Callable[[str, str], Denoiser], help: str, examples=()) -> None:
+    BACKENDS[scheme] = Backend(scheme, load, help, tuple(examples))
+
+
+def _gmm(body, spec):
+    from . import gmm
+    return gmm.load(body, spec)
+
+
+def _python(body, spec):
+    from . import python_factory
+    return python_factory.load(body, spec)
+
+
+register_backend("gmm", _gmm, "analytic Gaussian mixture with an exact denoiser",
+                 ("gmm:tiny", "gmm:ring2d", "gmm:cifar", "gmm:shape=3x16x16,components=6,rank=8,seed=3"))
+register_backend("python", _python, "your own factory returning D(x, sigma, cond) with sigma_min, sigma_max, shape",
+                 ("python:mypkg.models:make_denoiser",))
+
+
+def _entry_point_backends() -> None:
+    try:
+        from importlib.metadata import entry_points
+        for ep in entry_points(group="solverdistill.backends"):
+            if ep.name not in BACKENDS:
+                register_backend(ep.name, ep.load(), f"plugin {ep.value}")
+    except Exception:  # a broken third-party plugin must not break the built-in backends
+        pass
+
+
+def spec_from_yaml(path: str) -> str:
+    """A YAML file holding one model block: `spec: ...` or `model: {spec: ...}`."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise BadInput(f"--model {path}: cannot read the YAML model file: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
+    if not isinstance(data, dict) or not isinstance(data.get("spec"), str):
+        raise BadInput(f"--model {path}: expected a mapping with a string key 'spec' (or model: {{spec: ...}})")
+    return os.path.expandvars(data["spec"])
+
+
+def resolve(spec: str, device=None, dtype=None) -> Denoiser:
+    """Turn `scheme:body` (or a YAML file naming one) into a denoiser on the given device and dtype."""
+    spec = spec.strip()
+    if spec.endswith((".yaml", ".yml")) and os.path.isfile(spec):
+        spec = spec_from_yaml(spec)
+    scheme, sep, body = spec.partition(":")
+    if scheme not in BACKENDS:
+        _entry_point_backends()
+    if not sep or scheme not in BACKENDS:
+        raise BadInput(f"--model: unknown model spec {spec!r}; schemes are "
+                       f"{', '.join(s + ':' for s in BACKENDS)} or a YAML file with a model block "
+                       "(see `sdistill models`)")
+    model = BACKENDS[scheme].load(body, spec)
+    return model.to(device, dtype) if (device is not None or dtype is not None) else model
+
+
+__all__ = ["BACKENDS", "Backend", "Denoiser", "Wrapped", "register_backend", "resolve"]

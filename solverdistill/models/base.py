@@ -1,0 +1,58 @@
+"""The denoiser seam (design.md): every backend becomes `D(x, sigma, cond=None) -> x0_hat`."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Denoiser:
+    """Base class for our own backends.
+
+    `sigma` is always a tensor of shape [B]. Attributes: `sigma_min`, `sigma_max`, `shape` (per sample),
+    `fingerprint` (identity of weights and config, stored in caches and artifacts), `spec` (how it was named),
+    `passes_per_call` (network passes per denoiser call, 2 with classifier-free guidance).
+    Optional: `features(x, sigma, cond)` (designer inputs), `decode(x)` (latents to images), `net` (the module).
+    """
+
+    spec: str = ""
+    fingerprint: str = ""
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    shape: tuple[int, ...] = ()
+    passes_per_call: int = 1
+    net: torch.nn.Module | None = None
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+        raise NotImplementedError  # abstract
+
+    def to(self, device=None, dtype=None) -> "Denoiser":
+        return self
+
+
+class Wrapped(Denoiser):
+    """A user's object (a `python:` factory's result, a torch module) with the seam's metadata beside it."""
+
+    def __init__(self, obj, spec: str, fingerprint: str):
+        self.obj = obj
+        self.spec, self.fingerprint = spec, fingerprint
+        self.sigma_min, self.sigma_max = float(obj.sigma_min), float(obj.sigma_max)
+        self.shape = tuple(int(v) for v in obj.shape)
+        self.passes_per_call = int(getattr(obj, "passes_per_call", 1))
+        self.net = obj if isinstance(obj, torch.nn.Module) else getattr(obj, "net", None)
+        for name in ("features", "decode"):
+            if callable(getattr(obj, name, None)):
+                setattr(self, name, getattr(obj, name))
+
+    def __call__(self, x, sigma, cond=None):
+        return self.obj(x, sigma, cond)
+
+    def to(self, device=None, dtype=None):
+        if isinstance(self.obj, torch.nn.Module):
+            self.obj.to(device=device, dtype=dtype)
+        elif callable(getattr(self.obj, "to", None)):
+            self.obj.to(device=device, dtype=dtype)
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
+        return self

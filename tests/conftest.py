@@ -1,0 +1,15 @@
+import pytest
+import torch
+
+from solverdistill.models import resolve
+
+
+@pytest.fixture(scope="session")
+def tiny64():
+    """gmm:tiny in float64 on the CPU."""
+    return resolve("gmm:tiny", dtype=torch.float64)
+
+
+def noise(model, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *model.shape, generator=g, dtype=torch.float64) * model.sigma_max
