@@ -20,8 +20,8 @@ out = Console()
 err = Console(stderr=True)
 
 
-def command(fn):
-    """Register a command whose bad input becomes exit 2 with one message (no traceback)."""
+def handled(fn):
+    """Bad input becomes exit 2 with one message (no traceback); a failed run exits 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,7 +34,11 @@ def command(fn):
             err.print(f"[bold red]failed:[/] {e}", highlight=False)
             raise typer.Exit(1)
 
-    return app.command()(wrapper)
+    return wrapper
+
+
+def command(fn):
+    return app.command()(handled(fn))
 
 
 def _version(value: bool):
@@ -111,6 +115,62 @@ def models():
     for name, what in PRESET_HELP.items():
         table.add_row(f"gmm:{name}", what)
     out.print(table)
+
+
+@command
+def teacher(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (reads its model and teacher sections)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (overrides teacher.cache)."),
+    num: Optional[int] = typer.Option(None, "--num", help="Number of samples (overrides teacher.num_samples)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (overrides teacher.batch)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (overrides teacher.device)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with another spec."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """Integrate the ODE accurately from many seeds and cache the trajectories (resumable, sharded)."""
+    from .recipes import load_recipe
+    from .teacher.run import run_teacher
+    r = load_recipe(recipe, {"teacher.cache": str(cache) if cache else None, "teacher.num_samples": num,
+                             "teacher.batch": batch, "teacher.device": device})
+    with progress_bar(quiet, r.teacher.num_samples, "teacher") as bar:
+        rep = run_teacher(r, overwrite=overwrite, progress=bar)
+    out.print(f"{rep.root}: {rep.total} samples ({rep.generated} integrated now, {rep.reused} already cached), "
+              f"{rep.nfe_per_sample} NFE per sample, {rep.seconds:.1f}s", highlight=False, soft_wrap=True)
+
+
+cache_app = typer.Typer(help="Inspect teacher caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+@handled
+def cache_info(
+    folder: Path = typer.Argument(..., help="Teacher cache folder."),
+    verify_sums: bool = typer.Option(False, "--verify", help="Check every checksum; mark bad shards."),
+):
+    """Print a cache's spec and size; with --verify, check every shard (exit 1 when any is bad)."""
+    from .teacher.cache import TeacherCache, verify
+    bad = verify(folder) if verify_sums else []
+    c = TeacherCache.open(folder)
+    spec = c.spec
+    table = Table(title=f"teacher cache {folder}")
+    table.add_column("field")
+    table.add_column("value")
+    grid = f"{spec['schedule']}, {c.steps} steps, sigma {c.sigmas[0]:g} -> {c.sigmas[-1]:g}"
+    per = c.disk_bytes() / max(c.num_samples, 1)
+    for k, v in (("model", f"{spec['model_spec']} ({spec['model']})"), ("solver", spec["solver"]), ("grid", grid),
+                 ("dtype", spec["dtype"]), ("shape", "x".join(map(str, spec["shape"]))),
+                 ("samples", f"{c.num_samples} (seeds {spec['seed']}..{spec['seed'] + c.num_samples - 1})"),
+                 ("shards", f"{len(c.shards)} in use, {sum(s['status'] != 'ok' for s in c.manifest['shards'])} bad"),
+                 ("on disk", f"{c.disk_bytes() / 2**20:.1f} MiB, {per / 2**10:.1f} KiB per sample")):
+        table.add_row(k, str(v))
+    out.print(table)
+    if verify_sums:
+        for name, why in bad:
+            err.print(f"bad shard {name}: {why} (marked; the next `sdistill teacher` run regenerates it)")
+        if bad:
+            raise typer.Exit(1)
+        out.print("all checksums ok")
 
 
 def main():

@@ -3,6 +3,9 @@ import torch
 
 from solverdistill.models import resolve
 
+# Tiny models: one thread is faster than two fighting over small ops (and pytest -n 2 uses both cores).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny64():

@@ -145,41 +145,48 @@ class GaussianMixture(Denoiser):
         self.to("cpu", torch.float32)
 
     def to(self, device=None, dtype=None):
+        """Parameters live in float64 on `device`: the mixture's logits cancel large terms at small sigma, so
+        the denoiser computes in float64 whatever the state's dtype, and returns the state's dtype."""
         self.device = torch.device(device or self.device)
         self.dtype = dtype or self.dtype
         for name, arr in self.arrays.items():
-            setattr(self, name, torch.as_tensor(arr, dtype=self.dtype, device=self.device))
+            setattr(self, name, torch.as_tensor(arr, dtype=torch.float64, device=self.device))
+        k, d, r = self.q.shape
+        self.q_flat = self.q.permute(1, 0, 2).reshape(d, k * r)              # [d, K*r]
+        self.mu_q = torch.einsum("kd,kdr->kr", self.means, self.q)           # Q_k^T mu_k
+        self.mu2 = (self.means**2).sum(1)                                    # |mu_k|^2
         return self
 
-    def _terms(self, x: torch.Tensor, sigma: torch.Tensor):
-        """Per (sample, component): posterior log-weights and the posterior mean E[x0 | x, k]."""
-        b = x.shape[0]
-        xf = x.reshape(b, -1).to(self.dtype)
-        s2 = sigma.to(self.dtype).reshape(b, 1) ** 2
-        v = xf[:, None, :] - self.means[None]                      # [B,K,d]
-        proj = torch.einsum("bkd,kdr->bkr", v, self.q)             # coordinates in the low-rank span
-        c = self.s2[None] + s2                                     # [B,K] isotropic variance of x given k
-        lc = self.lam[None] + c[..., None]                         # [B,K,r] variances along Q
-        v_perp = v - torch.einsum("kdr,bkr->bkd", self.q, proj)
-        d = v.shape[-1]
-        quad = (v_perp**2).sum(-1) / c + (proj**2 / lc).sum(-1)    # v^T (Sigma_k + sigma^2)^-1 v
-        logdet = (d - self.q.shape[-1]) * torch.log(c) + torch.log(lc).sum(-1)
-        logp = self.logw[None] - 0.5 * (quad + logdet)
-        # E[x0|x,k] = mu_k + Sigma_k (Sigma_k + sigma^2)^-1 v, written so nothing large cancels at high sigma.
-        post = self.means[None] + torch.einsum("kdr,bkr->bkd", self.q, proj * (self.lam[None] + self.s2[None, :, None]) / lc) \
-            + (self.s2[None] / c)[..., None] * v_perp
-        return logp, post
+    def _logits(self, xf: torch.Tensor, sigma: torch.Tensor):
+        """Posterior log-weights per (sample, component) with the pieces the posterior mean reuses.
+        All matrix products are [B,d] x [d,K*r]: nothing of size B*K*d is formed, O(K d r) per sample."""
+        b = xf.shape[0]
+        k, d, r = self.q.shape
+        proj = (xf @ self.q_flat).view(b, k, r) - self.mu_q[None]           # Q_k^T (x - mu_k)
+        v2 = (xf * xf).sum(1, keepdim=True) - 2 * xf @ self.means.T + self.mu2[None]  # |x - mu_k|^2
+        c = self.s2[None] + sigma.reshape(b, 1) ** 2                         # isotropic variance of x given k
+        lc = self.lam[None] + c[..., None]                                   # variances along Q_k
+        perp2 = (v2 - (proj**2).sum(-1)).clamp_min(0)                        # |v|^2 outside span(Q_k)
+        quad = perp2 / c + (proj**2 / lc).sum(-1)                            # v^T (Sigma_k + sigma^2 I)^-1 v
+        logdet = (d - r) * torch.log(c) + torch.log(lc).sum(-1)
+        return self.logw[None] - 0.5 * (quad + logdet), proj, c, lc
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
-        logp, post = self._terms(x, sigma)
+        b = x.shape[0]
+        xf = x.reshape(b, -1).to(torch.float64)
+        logp, proj, c, lc = self._logits(xf, sigma.to(torch.float64))
         w = torch.softmax(logp, dim=1)
-        return torch.einsum("bk,bkd->bd", w, post).reshape(x.shape).to(x.dtype)
+        # E[x0|x,k] = mu_k + (s_k^2/c)(x - mu_k) + Q_k [((lam + s_k^2)/lc - s_k^2/c) Q_k^T (x - mu_k)],
+        # summed over k with the posterior weights w.
+        shrink = w * self.s2[None] / c                                       # weight on (x - mu_k)
+        along = w[..., None] * proj * ((self.lam[None] + self.s2[None, :, None]) / lc - (self.s2[None] / c)[..., None])
+        out = shrink.sum(1, keepdim=True) * xf + (w - shrink) @ self.means + along.reshape(b, -1) @ self.q_flat.T
+        return out.reshape(x.shape).to(x.dtype)
 
     def log_density(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """log p(x; sigma) of the noisy marginal (for tests and diagnostics)."""
-        logp, _ = self._terms(x, sigma)
-        d = math.prod(self.shape)
-        return torch.logsumexp(logp, dim=1) - 0.5 * d * math.log(2 * math.pi)
+        logp = self._logits(x.reshape(x.shape[0], -1).to(torch.float64), sigma.to(torch.float64))[0]
+        return torch.logsumexp(logp, dim=1) - 0.5 * math.prod(self.shape) * math.log(2 * math.pi)
 
     # Exact facts about the clean data, for evaluation.
     def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,259 @@
+"""The teacher cache directory (design.md "Teacher cache"): format, shard writer and memory-mapped reader.
+
+    DIR/manifest.json            spec (model fingerprint, solver, grid, dtype, shape, first seed), format
+                                 version, and the finished shards with sha256 checksums; rewritten atomically
+    DIR/shard-NNNNNN/*.npy       seeds [n], noise [n,*shape], sigmas [T+1], x [n,T+1,*shape],
+                                 denoised [n,T+1,*shape] for the contiguous seeds of one shard
+
+A shard is written under `shard-NNNNNN.tmp` and renamed when complete, so a killed run loses only the shard
+in progress. Checksums are computed while writing (files are written front to back), not by reading back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BadInput
+
+FORMAT, FORMAT_VERSION = "sdistill-teacher-cache", 1
+SPEC_FIELDS = ("model", "solver", "grid", "dtype", "shape", "seed")
+
+
+def spec_differences(have: dict, want: dict) -> list[str]:
+    diffs = []
+    for key in SPEC_FIELDS:
+        a, b = have.get(key), want.get(key)
+        if key == "grid":
+            same = a is not None and len(a) == len(b) and np.allclose(a, b, rtol=1e-12, atol=0)
+        else:
+            same = a == b
+        if not same:
+            diffs.append(key if key == "grid" else f"{key} ({a!r} in the cache, {b!r} asked for)")
+    return diffs
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class StreamedArray:
+    """An .npy file written front to back (header first, then rows), hashed as it goes."""
+
+    def __init__(self, path: Path, shape: tuple, dtype):
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
+        self.file = open(path, "wb")
+        self.sha = hashlib.sha256()
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape})
+        self._put(header.getvalue())
+        self.rows = 0
+
+    def _put(self, data) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+
+    def write(self, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows, dtype=self.dtype)
+        self._put(memoryview(data).cast("B"))
+        self.rows += len(data)
+
+    def close(self) -> str:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if self.rows != self.shape[0]:
+            raise RuntimeError(f"{self.path}: wrote {self.rows} rows, expected {self.shape[0]}")
+        return self.sha.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_shapes(n: int, steps: int, shape) -> dict[str, tuple]:
+    return {"seeds": (n,), "noise": (n, *shape), "sigmas": (steps + 1,), "x": (n, steps + 1, *shape),
+            "denoised": (n, steps + 1, *shape)}
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name; `finish` renames it and returns its manifest entry."""
+
+    def __init__(self, root: Path, name: str, start: int, count: int, steps: int, shape, dtype, sigmas):
+        self.root, self.name, self.start, self.count = root, name, start, count
+        self.tmp = root / (name + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        dtypes = {"seeds": np.int64, "noise": np.float32, "sigmas": np.float64, "x": dtype, "denoised": dtype}
+        self.files = {k: StreamedArray(self.tmp / f"{k}.npy", s, dtypes[k])
+                      for k, s in shard_shapes(count, steps, shape).items()}
+        self.files["sigmas"].write(np.asarray(sigmas, dtype=np.float64))
+
+    def append(self, seeds, noise, x, denoised) -> None:
+        for key, rows in (("seeds", seeds), ("noise", noise), ("x", x), ("denoised", denoised)):
+            self.files[key].write(rows)
+
+    def finish(self) -> dict:
+        sums = {f"{k}.npy": f.close() for k, f in self.files.items()}
+        sizes = {f"{k}.npy": (self.tmp / f"{k}.npy").stat().st_size for k in self.files}
+        final = self.root / self.name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(self.tmp, final)
+        return {"name": self.name, "start": self.start, "count": self.count, "status": "ok",
+                "sha256": sums, "bytes": sizes}
+
+
+def check_shard_files(root: Path, entry: dict, steps: int, shape) -> str | None:
+    """Cheap check before trusting a finished shard: files present, sizes and shapes as recorded."""
+    folder = root / entry["name"]
+    for key, want in shard_shapes(entry["count"], steps, shape).items():
+        path = folder / f"{key}.npy"
+        if not path.is_file():
+            return f"{path.name} missing"
+        if path.stat().st_size != entry["bytes"].get(path.name):
+            return f"{path.name} has the wrong size"
+        try:
+            if np.load(path, mmap_mode="r", allow_pickle=False).shape != want:
+                return f"{path.name} has the wrong shape"
+        except ValueError:
+            return f"{path.name} is not a valid .npy file"
+    return None
+
+
+class TeacherCache:
+    """Read side: memory-mapped shards, batches by sample index, states at any sigma (algorithms.md section 6)."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root, self.manifest = Path(root), manifest
+        self.spec = manifest["spec"]
+        self.sigmas = np.asarray(self.spec["grid"], dtype=np.float64)
+        self.steps = len(self.sigmas) - 1
+        self.shape = tuple(self.spec["shape"])
+        # Serve the contiguous run of good shards from the first seed; a bad shard ends it until regenerated.
+        self.shards, n = [], 0
+        for s in sorted(manifest["shards"], key=lambda s: s["start"]):
+            if s["status"] != "ok" or s["start"] != n:
+                break
+            self.shards.append(s)
+            n += s["count"]
+        self.num_samples = n
+        self._starts = np.array([s["start"] for s in self.shards] + [n])
+        self._maps: dict[str, dict] = {}
+
+    @classmethod
+    def open(cls, path) -> "TeacherCache":
+        root = Path(path)
+        manifest = read_manifest(root)
+        if manifest is None:
+            raise BadInput(f"{root}: no teacher cache here (manifest.json missing); run `sdistill teacher` first")
+        return cls(root, manifest)
+
+    @property
+    def seeds(self) -> np.ndarray:
+        return self.spec["seed"] + np.arange(self.num_samples)
+
+    def _field(self, shard: dict, key: str) -> np.ndarray:
+        maps = self._maps.setdefault(shard["name"], {})
+        if key not in maps:
+            maps[key] = np.load(self.root / shard["name"] / f"{key}.npy", mmap_mode="r", allow_pickle=False)
+        return maps[key]
+
+    def get(self, key: str, indices) -> np.ndarray:
+        """Rows of one field (`seeds`, `noise`, `x`, `denoised`) for sample indices, in the order given."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise IndexError(f"sample index out of range [0, {self.num_samples})")
+        which = np.searchsorted(self._starts, idx, side="right") - 1
+        out = None
+        for k in np.unique(which):
+            sel = np.nonzero(which == k)[0]
+            rows = self._field(self.shards[k], key)[idx[sel] - self._starts[k]]
+            if out is None:
+                out = np.empty((len(idx), *rows.shape[1:]), dtype=rows.dtype)
+            out[sel] = rows
+        return out
+
+    def states_at(self, indices, sigmas, dtype=torch.float32) -> torch.Tensor:
+        """States x(sigma) of the given samples: exact copies on grid points, cubic Hermite in log sigma between
+        them with slopes dx/dlog(sigma) = x - D. `sigmas` is [T'] (shared) or [n, T'] (one grid per sample);
+        returns [n, T', *shape]."""
+        idx = np.asarray(indices, dtype=np.int64)
+        q = np.asarray(sigmas.cpu().numpy() if isinstance(sigmas, torch.Tensor) else sigmas, dtype=np.float64)
+        q = np.broadcast_to(q, (len(idx), q.shape[-1])) if q.ndim == 1 else q
+        if q.shape[0] != len(idx):
+            raise ValueError("per-sample sigmas need one row per index")
+        lo, hi = self.sigmas[-1], self.sigmas[0]
+        if np.any(q < lo * (1 - 1e-12)) or np.any(q > hi * (1 + 1e-12)):
+            raise ValueError(f"sigmas must lie in the cached range [{lo}, {hi}]")
+        u, grid_u = np.log(np.clip(q, lo, hi)), np.log(self.sigmas)
+        # Interval j: grid_u[j] >= u >= grid_u[j+1] (the grid decreases).
+        j = np.clip(np.searchsorted(-grid_u, -u, side="right") - 1, 0, self.steps - 1)
+        x = self.get("x", idx).astype(np.float64)
+        den = self.get("denoised", idx).astype(np.float64)
+        rows = np.arange(len(idx))[:, None]
+        x0, x1 = x[rows, j], x[rows, j + 1]
+        m0, m1 = x0 - den[rows, j], x1 - den[rows, j + 1]
+        du = (grid_u[j + 1] - grid_u[j])
+        t = ((u - grid_u[j]) / du)
+        t = t.reshape(t.shape + (1,) * len(self.shape))
+        du = du.reshape(t.shape)
+        h00, h10 = 2 * t**3 - 3 * t**2 + 1, t**3 - 2 * t**2 + t
+        h01, h11 = -2 * t**3 + 3 * t**2, t**3 - t**2
+        out = h00 * x0 + h10 * du * m0 + h01 * x1 + h11 * du * m1
+        # On-grid queries are exact copies of the stored states.
+        on0 = np.isclose(q, self.sigmas[j], rtol=1e-12, atol=0)
+        on1 = np.isclose(q, self.sigmas[j + 1], rtol=1e-12, atol=0)
+        out[on0], out[on1] = x0[on0], x1[on1]
+        return torch.from_numpy(out).to(dtype)
+
+    def disk_bytes(self) -> int:
+        return sum(sum(s["bytes"].values()) for s in self.shards)
+
+
+def read_manifest(root: Path) -> dict | None:
+    path = root / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path}: not valid JSON ({e}); remove the folder or use --overwrite") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise BadInput(f"{path}: not a teacher cache of format {FORMAT} version {FORMAT_VERSION}")
+    return manifest
+
+
+def verify(root: Path) -> list[tuple[str, str]]:
+    """Recompute every checksum; mark bad shards in the manifest so the next `teacher` run regenerates them."""
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise BadInput(f"{root}: no teacher cache here (manifest.json missing)")
+    bad = []
+    for shard in manifest["shards"]:
+        for fname, want in shard["sha256"].items():
+            path = root / shard["name"] / fname
+            if not path.is_file() or sha256_file(path) != want:
+                bad.append((shard["name"], f"{fname} {'missing' if not path.is_file() else 'checksum mismatch'}"))
+                shard["status"] = "bad"
+                break
+    if bad:
+        write_json_atomic(root / "manifest.json", manifest)
+    return bad
