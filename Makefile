@@ -30,7 +30,7 @@ demo: install
 	@echo "grid written to out/demo/grid.png"
 
 bench: install
-	$(PYTHON) -m solverdistill bench
+	$(PYTHON) benchmarks/teacher_overhead.py
 
 clean:
 	rm -rf out .pytest_cache

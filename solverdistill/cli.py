@@ -62,8 +62,10 @@ def progress_bar(quiet: bool, total: int, label: str):
 @command
 def sample(
     model: Optional[str] = typer.Option(None, "--model", help="Model spec (gmm:cifar, python:mod:fn, a YAML file)."),
-    solver: str = typer.Option("dpm++", "--solver", help="Handcrafted solver name (see `sdistill solvers`)."),
-    nfe: int = typer.Option(10, "--nfe", help="Denoiser calls per sample."),
+    solver: str = typer.Option("dpm++", "--solver", help="Handcrafted solver name (see `sdistill solvers`) or a "
+                               "solver artifact (.npz/.yaml)."),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per sample (default 10; an artifact "
+                                      "brings its own)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="polynomial[:rho], logsnr, time_uniform[:rho], "
                                            "or comma-separated sigmas; default: the solver's own."),
     afs: bool = typer.Option(False, "--afs/--no-afs", help="Analytical first step (saves one NFE)."),
@@ -76,13 +78,15 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
     png: bool = typer.Option(False, "--png", help="Also write one PNG per sample (image models)."),
+    force: bool = typer.Option(False, "--force", help="Use an artifact made for another model fingerprint."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
-    """Sample with a handcrafted solver and write samples.npz (+ grid.png or scatter.png)."""
+    """Sample with a handcrafted solver or a distilled artifact; write samples.npz (+ grid.png/scatter.png)."""
     from .commands.sample import run_sample
     result = run_sample(model=model, solver=solver, nfe=nfe, schedule=schedule, afs=afs,
                         lower_order_final=lower_order_final, num=num, seed=seed, batch=batch, out_dir=out_dir,
-                        device=device, dtype=dtype, png=png, progress=progress_bar(quiet, num, "sampling"))
+                        device=device, dtype=dtype, png=png, force=force,
+                        progress=progress_bar(quiet, num, "sampling"))
     out.print(result, highlight=False, soft_wrap=True)
 
 
@@ -136,6 +140,48 @@ def teacher(
         rep = run_teacher(r, overwrite=overwrite, progress=bar)
     out.print(f"{rep.root}: {rep.total} samples ({rep.generated} integrated now, {rep.reused} already cached), "
               f"{rep.nfe_per_sample} NFE per sample, {rep.seconds:.1f}s", highlight=False, soft_wrap=True)
+
+
+@command
+def distill(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Artifact path (.npz or .yaml); default: output."),
+    method: Optional[str] = typer.Option(None, "--method", help="dlms, dode (overrides student.method)."),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help="Student NFE (overrides student.nfe)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """Fit a student solver from the recipe's teacher cache and write its artifact."""
+    from .commands.distill import run_distill
+    from .recipes import load_recipe
+    if nfe is not None and nfe < 1:
+        raise BadInput(f"--nfe: must be >= 1, got {nfe}")
+    r = load_recipe(recipe, {"student.method": method, "student.nfe": nfe})
+    rep = run_distill(r, str(out_path) if out_path else None, say=lambda m: err.print(m, highlight=False),
+                      progress_factory=lambda total, label: progress_bar(quiet, total, label))
+    table = Table(title=f"{rep.method} at NFE {rep.nfe}: endpoint RMSE on held-out seeds (lower is better)")
+    table.add_column("solver")
+    table.add_column("RMSE", justify="right")
+    for name, value in rep.rows:
+        table.add_row(name, f"{value:.4f}")
+    out.print(table)
+    out.print(f"wrote {rep.path} ({rep.seconds:.1f}s{', teacher built first' if rep.teacher_built else ''})",
+              highlight=False, soft_wrap=True)
+
+
+@command
+def inspect(artifact: Path = typer.Argument(..., help="Solver artifact (.npz or .yaml).")):
+    """Print an artifact's meta and arrays."""
+    import json
+    from .artifacts import load
+    a = load(artifact)
+    out.print_json(json.dumps(a.meta, default=str))
+    table = Table(title="arrays")
+    for col in ("name", "shape", "dtype", "values"):
+        table.add_column(col)
+    for name, arr in a.arrays.items():
+        preview = ", ".join(f"{v:.4g}" for v in arr.ravel()[:6]) + (" ..." if arr.size > 6 else "")
+        table.add_row(name, str(tuple(arr.shape)), str(arr.dtype), preview)
+    out.print(table)
 
 
 cache_app = typer.Typer(help="Inspect teacher caches.", no_args_is_help=True)

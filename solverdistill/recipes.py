@@ -68,7 +68,7 @@ def _expand(value: str, where: str) -> str:
     return _ENV.sub(sub, value)
 
 
-def _build(cls, data: Any, where: str):
+def build_section(cls, data: Any, where: str):
     if not isinstance(data, dict):
         raise BadInput(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -85,7 +85,7 @@ def _build(cls, data: Any, where: str):
 
 def _coerce(tp, value, key, limits):
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key)
+        return build_section(tp, value if value is not None else {}, key)
     if tp is dict:
         if not isinstance(value, dict):
             raise BadInput(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -134,7 +134,7 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         if isinstance(node, dict):  # otherwise validation names the section that is not a mapping
             node[leaf] = value
     try:
-        recipe = _build(Recipe, data, "")
+        recipe = build_section(Recipe, data, "")
     except BadInput as e:
         raise BadInput(f"{p}: {e}") from None
     if require_model and not recipe.model.spec:

@@ -1,38 +1,90 @@
-"""`sdistill sample`: sample a model with a handcrafted solver and write samples.npz and pictures."""
+"""`sdistill sample`: sample a model with a handcrafted solver or a solver artifact; write samples.npz and pictures."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .. import __version__
+import torch
+
+from .. import __version__, artifacts, students
 from ..errors import BadInput
 from ..models import resolve
 from ..outputs import ensure_dir, save_pictures, write_npz
 from ..sampling import generate, plan, resolve_device, resolve_dtype
 
+DEFAULT_NFE = 10
+
+
+def is_artifact(solver: str) -> bool:
+    return solver.endswith((".npz", ".yaml", ".yml")) or Path(solver).is_file()
+
+
+def load_solver(solver, model_spec, nfe, schedule, afs, lower_order_final, device, dtype, force):
+    """(denoiser, solver, meta about the solver) for a handcrafted name or an artifact path."""
+    if is_artifact(solver):
+        art = artifacts.load(solver)
+        if nfe is not None and nfe != int(art.meta["nfe"]):
+            raise BadInput(f"--nfe: {solver} was distilled for NFE {art.meta['nfe']}, not {nfe}; drop --nfe")
+        spec = model_spec or art.meta.get("model")
+        if not spec:
+            raise BadInput(f"--model: required; {solver} does not name its model")
+        den = resolve(spec, device=device, dtype=dtype)
+        artifacts.load(solver, fingerprint=den.fingerprint, force=force)  # refuses another model
+        method = students.get(art.method)
+        return den, method.load(art, den), {"artifact": str(solver), "method": art.method}
+    if model_spec is None:
+        raise BadInput("--model: required (e.g. --model gmm:cifar); see `sdistill models`")
+    den = resolve(model_spec, device=device, dtype=dtype)
+    p = plan(solver, DEFAULT_NFE if nfe is None else nfe, den.sigma_min, den.sigma_max, schedule, afs,
+             lower_order_final=lower_order_final)
+    return den, p, {"schedule": schedule or p.info.default_schedule}
+
 
 def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, seed, batch, out_dir: Path,
-               device, dtype, png, progress) -> str:
-    if model is None:
-        raise BadInput("--model: required (e.g. --model gmm:cifar); see `sdistill models`")
+               device, dtype, png, progress, force=False) -> str:
     if num < 1:
         raise BadInput(f"--num: must be >= 1, got {num}")
     if batch < 1:
         raise BadInput(f"--batch: must be >= 1, got {batch}")
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
-    den = resolve(model, device=dev, dtype=torch_dtype)
-    p = plan(solver, nfe, den.sigma_min, den.sigma_max, schedule, afs, lower_order_final=lower_order_final)
+    den, sol, extra = load_solver(solver, model, nfe, schedule, afs, lower_order_final, dev, torch_dtype, force)
     out = ensure_dir(out_dir)
     seeds = list(range(seed, seed + num))
+    grids: list = []  # per-sample grids, for learned solvers whose grid depends on the sample
+
+    def keep_grid(_, info):
+        if isinstance(info["sigma"], torch.Tensor):
+            grids.append((info["i"], info["sigma"].detach().cpu(), info["sigma_next"].detach().cpu()))
+
     with progress as bar:
-        res = generate(den, lambda m, x, c, cb: p.solve(m, x, c, cb), seeds, batch=batch, progress=bar)
+        res = generate(den, lambda m, x, c, cb: sol.solve(m, x, c, cb), seeds, batch=batch, progress=bar,
+                       callback=keep_grid)
     meta = {"format": "sdistill-samples", "version": __version__, "model": den.spec,
-            "model_fingerprint": den.fingerprint, **p.describe(), "nfe": res.nfe,
-            "network_passes": res.network_passes, "schedule": schedule or p.info.default_schedule,
-            "seed": seed, "num": num, "dtype": dtype, "device": str(dev)}
-    write_npz(out / "samples.npz", meta, x=res.x.numpy(), z=res.z.numpy(), seeds=res.seeds)
-    pictures = save_pictures(res.x.numpy(), out, png_each=png, title=f"{p.info.name}, NFE {res.nfe}")
+            "model_fingerprint": den.fingerprint, **sol.describe(), **extra, "nfe": res.nfe,
+            "network_passes": res.network_passes, "seed": seed, "num": num, "dtype": dtype, "device": str(dev)}
+    arrays = {"x": res.x.numpy(), "z": res.z.numpy(), "seeds": res.seeds}
+    if grids:
+        arrays["grids"] = per_sample_grids(grids, num).numpy()
+        meta["per_sample_grid"] = True
+    write_npz(out / "samples.npz", meta, **arrays)
+    pictures = save_pictures(res.x.numpy(), out, png_each=png, title=f"{meta['solver']}, NFE {res.nfe}")
     shown = ", ".join(str(pth) for pth in [out / "samples.npz", *pictures])
-    return (f"{num} samples, {p.info.name}, NFE {res.nfe} ({res.network_passes} network passes), "
-            f"{'AFS, ' if afs else ''}{p.steps} steps -> {shown}")
+    return (f"{num} samples, {meta['solver']}, NFE {res.nfe} ({res.network_passes} network passes), "
+            f"{'AFS, ' if meta.get('afs') else ''}{meta.get('steps', '?')} steps -> {shown}")
+
+
+def per_sample_grids(records, num) -> torch.Tensor:
+    """[num, steps + 1] sigmas each sample actually used, from the per-step callback records (batch order)."""
+    rows, current = [], {}
+    for i, sigma, sigma_next in records:
+        if i == 0 and current:
+            rows.append(current)
+            current = {}
+        current[i] = (sigma, sigma_next)
+    rows.append(current)
+    per_batch = []
+    for steps in rows:
+        n = len(steps)
+        per_batch.append(torch.stack([steps[0][0]] + [steps[i][1] for i in range(n)], 1).double())
+    return torch.cat(per_batch)[:num]

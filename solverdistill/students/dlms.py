@@ -1,0 +1,336 @@
+"""DLMS: a learned linear multistep solver (algorithms.md section 5.2). The reference implementation.
+
+Step n (from t_{n-1} to t_n), data form of the first-order exponential integrator:
+
+    D_{n-1} = D(x_{n-1}, k_{n-1} t_{n-1})                 pushed into a buffer of the last p outputs
+    (a_n, t_n, k_n) = g(features_{n-1}, t_{n-1}, n-1)       the designer
+    x_n = (t_n / t_{n-1}) x_{n-1} + (1 - t_n / t_{n-1}) sum_j a_{n,j} D_{n-j}
+
+Coefficients are offsets from an initial rule with sum_j a_{n,j} = 1 by construction; t_n is a learned fraction
+of the remaining log-sigma interval (monotone by construction, the last step lands on t_min); k_n in
+[1 - r, 1 + r] scales the time the model is queried at. Heads start at zero, so the untrained student is the
+initial rule on the initial grid exactly. Every part can be switched off for ablations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import grids
+from ..artifacts import Artifact, new_meta
+from ..errors import BadInput
+from ..solvers.common import afs_denoised
+from ..solvers.multistep import dpmpp_table
+from . import Method, register
+from .common import endpoints, handcrafted_baselines, split, start_states
+
+PLMS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+FEATURES = 64
+
+
+@dataclass
+class DLMSStudent:
+    method: str = "dlms"
+    nfe: int = field(default=5, metadata={"min": 1})
+    order: int = field(default=4, metadata={"min": 1})
+    afs: bool = True
+    init: str = field(default="dpm++", metadata={"choices": ("plms", "dpm++")})
+    designer: str = field(default="network", metadata={"choices": ("network", "global")})
+    schedule: str = "polynomial:7"   # the initial grid
+    learn_grid: bool = True
+    time_scaling: bool = True
+    scale_range: float = field(default=0.2, metadata={"min": 0.0})
+    features: str = field(default="auto", metadata={"choices": ("auto", "denoised", "bottleneck")})
+
+
+@dataclass
+class DLMSTrain:
+    lr: float = field(default=5e-3, metadata={"min": 0.0})
+    batch: int = field(default=64, metadata={"min": 1})
+    iterations: int = field(default=300, metadata={"min": 0})
+    samples: int = field(default=0, metadata={"min": 0})      # 0: every cached trajectory not held out
+    heldout: int = field(default=256, metadata={"min": 1})
+    loss: str = field(default="both", metadata={"choices": ("trajectory", "endpoint", "both")})
+    final_weight: float = field(default=10.0, metadata={"min": 0.0})
+    window: int = field(default=2, metadata={"min": 0})       # steps per gradient window; 0 = whole trajectory
+    eval_every: int = field(default=25, metadata={"min": 1})
+    patience: int = field(default=0, metadata={"min": 0})     # evaluations without improvement before stopping
+    seed: int = 0
+    device: str = "auto"
+
+
+def initial_coefficients(grid: torch.Tensor, order: int, init: str, afs: bool) -> torch.Tensor:
+    """[N, p] data-space weights, newest first, summing to 1 per step (warm-up rows use fewer entries)."""
+    n = len(grid) - 1
+    a = torch.zeros(n, order, dtype=torch.float64)
+    if init == "plms":
+        for i in range(n):
+            row = PLMS[min(i + 1, order, 4) - 1]
+            a[i, :len(row)] = torch.tensor(row)
+    else:
+        # dpm++3m's update is x' = (t'/t) x + sum_j b_j D_j with sum_j b_j = 1 - t'/t: divide to get weights.
+        b = torch.as_tensor(dpmpp_table(grid, min(3, order), lower_order_final=True).b)
+        a[:, :b.shape[1]] = b / (1 - grid[1:] / grid[:-1])[:, None]
+    return a
+
+
+def sinusoidal(v: torch.Tensor, dim: int = 8) -> torch.Tensor:
+    freqs = torch.exp(torch.linspace(0, math.log(100.0), dim // 2, dtype=v.dtype, device=v.device))
+    return torch.cat([torch.sin(v[:, None] * freqs), torch.cos(v[:, None] * freqs)], 1)
+
+
+def pooled(d: torch.Tensor) -> torch.Tensor:
+    """64 numbers per sample: an image averaged to 8x8 and over channels, any other shape pooled (or padded)."""
+    if d.ndim == 4:
+        return F.adaptive_avg_pool2d(d, 8).mean(1).flatten(1)
+    flat = d.flatten(1)
+    if flat.shape[1] >= FEATURES:
+        return F.adaptive_avg_pool1d(flat[:, None], FEATURES)[:, 0]
+    return F.pad(flat, (0, FEATURES - flat.shape[1]))
+
+
+class NetworkDesigner(nn.Module):
+    """~9k parameters: features -> Linear(64,128), SiLU, Linear(128,4), with embeddings of t and the step index;
+    one zero-initialised head gives p-1 coefficient offsets, a time logit and a scale logit."""
+
+    def __init__(self, order: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(FEATURES, 128), nn.SiLU(), nn.Linear(128, 4))
+        self.t_embed = nn.Sequential(nn.Linear(8, 8), nn.SiLU())
+        self.n_embed = nn.Sequential(nn.Linear(8, 8), nn.SiLU())
+        self.head = nn.Linear(4 + 8 + 8, order + 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, feats, t, step):
+        step_v = torch.full_like(t, float(step))
+        h = torch.cat([self.body(feats), self.t_embed(sinusoidal(torch.log(t))), self.n_embed(sinusoidal(step_v))], 1)
+        return self.head(h)
+
+
+class GlobalDesigner(nn.Module):
+    """No network: per-step parameters shared by every sample (a sample-independent grid)."""
+
+    def __init__(self, order: int, steps: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(steps, order + 1))
+
+    def forward(self, feats, t, step):
+        return self.table[step].expand(t.shape[0], -1)
+
+
+def initial_grid(cfg: DLMSStudent, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    return grids.make_grid(cfg.schedule, cfg.nfe + (1 if cfg.afs else 0), sigma_min, sigma_max)
+
+
+class DLMS(nn.Module):
+    def __init__(self, cfg: DLMSStudent, grid: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        steps = len(grid) - 1
+        self.steps, self.order = steps, cfg.order
+        self.register_buffer("init_grid", grid)
+        self.register_buffer("init_coefs", initial_coefficients(grid, cfg.order, cfg.init, cfg.afs))
+        # Offsets that make the untrained fraction f_n reproduce the initial grid: logit of
+        # (log t_n - log t_{n-1}) / (log t_min - log t_{n-1}); the last step is forced to t_min.
+        lg = torch.log(grid)
+        frac = ((lg[1:] - lg[:-1]) / (lg[-1] - lg[:-1])).clamp(1e-6, 1 - 1e-6)
+        self.register_buffer("time_offset", torch.log(frac) - torch.log1p(-frac))
+        mask = torch.zeros(steps, cfg.order)  # which history slots exist at each step
+        for i in range(steps):
+            mask[i, :min(i + 1, cfg.order)] = 1
+        self.register_buffer("mask", mask)
+        self.designer = NetworkDesigner(cfg.order) if cfg.designer == "network" else GlobalDesigner(cfg.order, steps)
+
+    @property
+    def nfe(self) -> int:
+        return self.cfg.nfe
+
+    @property
+    def afs(self) -> bool:
+        return self.cfg.afs
+
+    def features(self, model, denoised):
+        if self.cfg.features in ("auto", "bottleneck"):
+            hook = getattr(model, "last_features", None)
+            if hook is not None:
+                return hook.detach().flatten(1)[:, :FEATURES].to(denoised.dtype)
+            if self.cfg.features == "bottleneck":
+                raise BadInput("student.features: bottleneck asked for, but this model exposes no bottleneck")
+        return pooled(denoised.detach())
+
+    def rule(self, raw, t, step):
+        """The designer's raw outputs -> (coefficients [B, p], next time [B], next scale [B])."""
+        p, dt = self.order, t.dtype
+        offsets = raw[:, :p - 1] * self.mask[step, 1:].to(dt)
+        rest = self.init_coefs[step, 1:].to(dt) + offsets
+        coefs = torch.cat([1 - rest.sum(1, keepdim=True), rest], 1) * self.mask[step].to(dt)
+        t_min = self.init_grid[-1].to(dt)
+        if step == self.steps - 1:
+            t_next = torch.full_like(t, float(self.init_grid[-1]))
+        else:
+            logit = self.time_offset[step].to(dt) + (raw[:, p - 1] if self.cfg.learn_grid else 0.0)
+            f = torch.sigmoid(logit)
+            t_next = torch.exp(torch.log(t) + f * (torch.log(t_min) - torch.log(t)))
+        if self.cfg.time_scaling:
+            k_next = 1 + self.cfg.scale_range * (2 * torch.sigmoid(raw[:, p]) - 1)
+        else:
+            k_next = torch.ones_like(t)
+        return coefs, t_next, k_next
+
+    def solve(self, model, x, cond=None, callback=None, step_loss=None, window: int = 0):
+        """Sample (or, with `step_loss(n, t_n, x_n) -> scalar`, train: backward per window of steps, the state
+        and history detached between windows). Returns x at t_min; per-sample grids go to the callback."""
+        b, dt = x.shape[0], x.dtype
+        view = (b,) + (1,) * (x.ndim - 1)
+        t = torch.full((b,), float(self.init_grid[0]), dtype=dt, device=x.device)
+        k = torch.ones_like(t)
+        hist, pending, self.last_loss = [], None, 0.0
+        for n in range(self.steps):
+            if n == 0 and self.cfg.afs:
+                den = afs_denoised(x, float(self.init_grid[0]))
+            else:
+                den = model(x, k * t, cond)
+            hist = [den] + hist[:self.order - 1]
+            raw = self.designer(self.features(model, den).to(dt), t, n)
+            coefs, t_next, k_next = self.rule(raw, t, n)
+            d_hat = sum(coefs[:, j].view(view) * h for j, h in enumerate(hist))
+            ratio = (t_next / t).view(view)
+            if callback is not None:
+                callback({"i": n, "sigma": t, "sigma_next": t_next, "x": x, "denoised": den})
+            x = ratio * x + (1 - ratio) * d_hat
+            t, k = t_next, k_next
+            if step_loss is not None:
+                term = step_loss(n, t, x)
+                if term is not None:
+                    pending = term if pending is None else pending + term
+                if (window and (n + 1) % window == 0) or n == self.steps - 1:
+                    if pending is not None:
+                        if pending.requires_grad:
+                            pending.backward()
+                        self.last_loss += float(pending.detach())
+                    pending = None
+                    x, t, k = x.detach(), t.detach(), k.detach()
+                    hist = [h.detach() for h in hist]
+        return x
+
+    def describe(self) -> dict:
+        return {"solver": "dlms", "nfe": self.nfe, "afs": self.afs, "steps": self.steps,
+                "grid": self.init_grid.tolist(), **{k: v for k, v in asdict(self.cfg).items() if k != "method"}}
+
+
+def _loss_fn(cache, idx, s: DLMSStudent, t: DLMSTrain, steps: int, device):
+    weights = np.zeros(steps)
+    if t.loss in ("trajectory", "both"):
+        weights[:] = 1.0
+    if t.loss in ("endpoint", "both"):
+        weights[-1] += t.final_weight
+    weights /= weights.sum()
+
+    def step_loss(n, sigma, x):
+        if weights[n] == 0:
+            return None
+        # Differentiable in sigma: the target moves with a learned time.
+        target = cache.states_at(idx, sigma[:, None].double(), dtype=x.dtype, device=x.device)[:, 0]
+        return weights[n] * (x - target).pow(2).mean()
+
+    return step_loss
+
+
+def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
+    start = time.time()
+    if s.order > 4 and s.init == "plms":
+        raise BadInput(f"student.order: plms init has coefficients up to order 4, got {s.order}")
+    student = DLMS(s, initial_grid(s, model.sigma_min, model.sigma_max)).to(device=model.device, dtype=model.dtype)
+    train_idx, held_idx = split(cache, t.samples, t.heldout)
+    rng = np.random.default_rng(t.seed)
+    torch.manual_seed(t.seed)
+    opt = torch.optim.Adam(student.designer.parameters(), lr=t.lr)
+    target_end = endpoints(cache, held_idx)
+
+    def evaluate():
+        with torch.no_grad():
+            out = torch.cat([student.solve(model, start_states(cache, held_idx[i:i + 256], model)).double().cpu()
+                             for i in range(0, len(held_idx), 256)])
+        return (out - target_end).pow(2).mean().sqrt().item()
+
+    history = [(0, evaluate())]
+    best, best_state, stale, skipped = history[0][1], copy.deepcopy(student.state_dict()), 0, 0
+    for it in range(1, t.iterations + 1):
+        idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
+        opt.zero_grad(set_to_none=True)
+        x = start_states(cache, idx, model)
+        student.solve(model, x, step_loss=_loss_fn(cache, idx, s, t, student.steps, model.device), window=t.window)
+        loss = student.last_loss
+        grads = [p.grad for p in student.designer.parameters() if p.grad is not None]
+        if not math.isfinite(loss) or any(not torch.isfinite(g).all() for g in grads):
+            skipped += 1  # NaN guard: skip the step, count it, report it
+        else:
+            opt.step()
+        if it % t.eval_every == 0 or it == t.iterations:
+            rm = evaluate()
+            history.append((it, rm))
+            if rm < best:
+                best, best_state, stale = rm, copy.deepcopy(student.state_dict()), 0
+            else:
+                stale += 1
+            if t.patience and stale >= t.patience:
+                break
+        if progress:
+            progress(1, info=f"loss {loss:.3e}  held-out rmse {history[-1][1]:.4f}")
+    student.load_state_dict(best_state)
+    arrays = {f"designer.{k}": v.detach().cpu().double().numpy() for k, v in student.designer.state_dict().items()}
+    arrays["init_grid"] = student.init_grid.cpu().numpy()
+    meta = new_meta("dlms", base_solver=f"dlms[{s.init}]", nfe=s.nfe, network_passes=s.nfe * model.passes_per_call,
+                    afs=s.afs, grid=student.init_grid.tolist(), student=asdict(s), model=model.spec,
+                    model_fingerprint=model.fingerprint,
+                    training={"seconds": time.time() - start, "iterations": it if t.iterations else 0,
+                              "samples": len(train_idx), "skipped_steps": skipped, "heldout": len(held_idx),
+                              "heldout_rmse_history": history, "train": asdict(t)})
+    return Artifact(meta, arrays)
+
+
+def load(artifact: Artifact, model=None) -> DLMS:
+    meta = artifact.meta
+    raw = meta.get("student")
+    if not isinstance(raw, dict):
+        raise BadInput(f"{artifact.path}: meta.student (the DLMS settings) is missing")
+    from ..recipes import build_section
+    try:
+        cfg = build_section(DLMSStudent, raw, "meta.student")
+    except BadInput as e:
+        raise BadInput(f"{artifact.path}: {e}") from None
+    grid = artifact.array("init_grid", ndim=1)
+    steps = cfg.nfe + (1 if cfg.afs else 0)
+    if len(grid) != steps + 1:
+        raise BadInput(f"{artifact.path}: array 'init_grid' must hold {steps + 1} sigmas, has {len(grid)}")
+    if np.any(np.diff(grid) >= 0) or grid[-1] <= 0:
+        raise BadInput(f"{artifact.path}: array 'init_grid' must be strictly decreasing positive sigmas")
+    student = DLMS(cfg, torch.tensor(grid, dtype=torch.float64))
+    state = student.designer.state_dict()
+    for name, ref in state.items():
+        arr = artifact.array(f"designer.{name}", shape=tuple(ref.shape))
+        state[name] = torch.from_numpy(arr)
+    student.designer.load_state_dict(state)
+    if model is not None:
+        student.to(device=model.device, dtype=model.dtype)
+    return student
+
+
+def untrained(artifact: Artifact) -> Artifact:
+    """Zero heads (or the global table): the initial rule on the initial grid."""
+    arrays = {k: (np.zeros_like(v) if k.startswith(("designer.head.", "designer.table")) else v)
+              for k, v in artifact.arrays.items()}
+    return Artifact(artifact.meta, arrays, artifact.path)
+
+
+register(Method("dlms", DLMSStudent, DLMSTrain, fit, load, untrained,
+                "learned multistep coefficients, grid and time scaling"))

@@ -1,0 +1,143 @@
+"""D-ODE: one scalar per denoiser call, fitted in closed form (algorithms.md section 5.1).
+
+Call k's output becomes D~_k = D_k + lam_k (D_k - D_{k-1}); lam = 0 is the base solver. The correction is a
+denoiser wrapper, so it works over every handcrafted solver without touching them. The state that the next
+call sees (or the final state, after the last call) is linear in lam_k, so running the base solver twice, with
+lam_k = 0 and 1, gives the correction direction e exactly; lam_k = <e, r> / <e, e> against the teacher state at
+that sigma, summed in float64 over all elements of all fitting samples. Then lam_k is frozen and k+1 is fitted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import sampling
+from ..artifacts import Artifact, new_meta
+from ..solvers import get as get_solver
+from . import Method, register
+from .common import split, start_states
+
+
+@dataclass
+class DODEStudent:
+    method: str = "dode"
+    nfe: int = field(default=5, metadata={"min": 1})
+    base: str = "dpm++3m"
+    schedule: str = ""            # default: the base solver's own grid
+    afs: bool = False
+    lower_order_final: bool = True
+
+
+@dataclass
+class DODETrain:
+    samples: int = field(default=100, metadata={"min": 1})   # fitting trajectories (100 is enough)
+    batch: int = field(default=100, metadata={"min": 1})
+    heldout: int = field(default=256, metadata={"min": 1})
+    device: str = "auto"
+
+
+class Landed(Exception):
+    """Raised when the call after the one being fitted is about to run: carries the state it would see."""
+
+    def __init__(self, x, sigma):
+        self.x, self.sigma = x, sigma
+
+
+class Extrapolated:
+    """The D-ODE denoiser: D~_k = D_k + lam_k (D_k - D_{k-1}) on the k-th real call."""
+
+    def __init__(self, model, lams, stop_at: int | None = None):
+        self.model, self.lams, self.stop_at = model, lams, stop_at
+        self.prev, self.k = None, 0
+
+    def __call__(self, x, sigma, cond=None):
+        if self.k == self.stop_at:
+            raise Landed(x, sigma)
+        out = self.model(x, sigma, cond)
+        lam = self.lams[self.k] if self.k < len(self.lams) else 0.0
+        corrected = out if self.prev is None or lam == 0.0 else out + lam * (out - self.prev)
+        self.prev, self.k = out, self.k + 1
+        return corrected
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+class DODESolver:
+    def __init__(self, base: sampling.Plan, lams):
+        self.base, self.lams = base, [float(v) for v in lams]
+        self.nfe, self.afs = base.nfe, base.afs
+
+    def solve(self, model, x, cond=None, callback=None):
+        return self.base.solve(Extrapolated(model, self.lams), x, cond, callback)
+
+    def describe(self) -> dict:
+        return {**self.base.describe(), "solver": f"dode[{self.base.info.name}]", "lambdas": self.lams}
+
+
+def landing(base: sampling.Plan, model, x, lams, k):
+    """The state the call after call k sees (and its sigma), or the final state at sigma_min."""
+    try:
+        out = base.solve(Extrapolated(model, lams, stop_at=k + 1), x)
+        return out, torch.full((x.shape[0],), float(base.sigmas[-1]), dtype=torch.float64)
+    except Landed as hit:
+        return hit.x, hit.sigma.to(torch.float64)
+
+
+def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
+    start = time.time()
+    base = sampling.plan(s.base, s.nfe, model.sigma_min, model.sigma_max, s.schedule or None, s.afs,
+                         lower_order_final=s.lower_order_final)
+    train_idx, _ = split(cache, t.samples, t.heldout)
+    lams = [0.0] * s.nfe
+    with torch.no_grad():
+        for k in range(1, s.nfe):  # the first call has no predecessor: lam_0 = 0
+            er = ee = 0.0
+            for b in range(0, len(train_idx), t.batch):
+                idx = train_idx[b:b + t.batch]
+                x = start_states(cache, idx, model)
+                x0, sig = landing(base, model, x, lams[:k] + [0.0], k)
+                x1, _ = landing(base, model, x, lams[:k] + [1.0], k)
+                target = cache.states_at(idx, sig[:, None].cpu(), dtype=torch.float64)[:, 0]
+                e = (x1 - x0).double().cpu()
+                r = target - x0.double().cpu()
+                er += float((e * r).sum())
+                ee += float((e * e).sum())
+            lams[k] = er / ee if ee > 0 else 0.0
+            if progress:
+                progress(1, info=f"lam_{k} = {lams[k]:+.4f}")
+    meta = new_meta("dode", base_solver=base.info.name, nfe=s.nfe, network_passes=s.nfe * model.passes_per_call,
+                    afs=s.afs, grid=base.sigmas.tolist(), schedule=s.schedule or base.info.default_schedule,
+                    options={"lower_order_final": s.lower_order_final}, model=model.spec,
+                    model_fingerprint=model.fingerprint,
+                    training={"seconds": time.time() - start, "samples": len(train_idx)})
+    return Artifact(meta, {"lambdas": np.array(lams), "grid": base.sigmas.numpy()})
+
+
+def load(artifact: Artifact, model=None) -> DODESolver:
+    meta = artifact.meta
+    nfe = int(meta["nfe"])
+    lams = artifact.array("lambdas", shape=(nfe,))
+    info = get_solver(meta.get("base_solver", ""))
+    grid = artifact.array("grid", ndim=1)
+    afs = bool(meta.get("afs", False))
+    steps = info.steps_for(nfe, afs)
+    if len(grid) != steps + 1 or np.any(np.diff(grid) >= 0):
+        from ..errors import BadInput
+        raise BadInput(f"{artifact.path}: array 'grid' must hold {steps + 1} decreasing sigmas for "
+                       f"{info.name} at NFE {nfe}")
+    options = {k: v for k, v in (meta.get("options") or {}).items() if k in info.options}
+    base = sampling.Plan(info, nfe, afs, torch.tensor(grid, dtype=torch.float64), options)
+    return DODESolver(base, lams)
+
+
+def untrained(artifact: Artifact) -> Artifact:
+    return Artifact(artifact.meta, {**artifact.arrays, "lambdas": np.zeros_like(artifact.arrays["lambdas"])},
+                    artifact.path)
+
+
+register(Method("dode", DODEStudent, DODETrain, fit, load, untrained, "one scalar per denoiser call, closed form"))
