@@ -3,6 +3,8 @@ RMSE on the same held-out seeds. Usage: python benchmarks/dlms_ablation.py RECIP
 A variant is `name` or `key=value,key=value` over the student/train keys (student keys first)."""
 
 import sys
+
+import yaml
 import time
 from dataclasses import fields, replace
 
@@ -35,9 +37,10 @@ s0, t0 = students.configs(method, {**recipe.student, "method": "dlms", "nfe": nf
 s_keys, t_keys = {f.name for f in fields(s0)}, {f.name for f in fields(t0)}
 print(f"| variant | held-out RMSE | initial RMSE | seconds |\n|---|---|---|---|")
 for name in chosen:
-    change = VARIANTS.get(name) or dict(kv.split("=") for kv in name.split(","))
-    typed = {k: type(getattr(s0 if k in s_keys else t0, k))(v) if not isinstance(v, str) or
-             not isinstance(getattr(s0 if k in s_keys else t0, k), bool) else v == "true" for k, v in change.items()}
+    if name in VARIANTS:
+        typed = VARIANTS[name]
+    else:  # key=value pairs, values read as YAML scalars (5, 0.01, true, dpm++)
+        typed = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in name.split(","))}
     s = replace(s0, **{k: v for k, v in typed.items() if k in s_keys})
     t = replace(t0, **{k: v for k, v in typed.items() if k in t_keys})
     start = time.time()

@@ -155,9 +155,9 @@ def distill(
     from .recipes import load_recipe
     if nfe is not None and nfe < 1:
         raise BadInput(f"--nfe: must be >= 1, got {nfe}")
-    r = load_recipe(recipe, {"student.method": method, "student.nfe": nfe})
+    r = load_recipe(recipe, {"student.nfe": nfe})
     rep = run_distill(r, str(out_path) if out_path else None, say=lambda m: err.print(m, highlight=False),
-                      progress_factory=lambda total, label: progress_bar(quiet, total, label))
+                      progress_factory=lambda total, label: progress_bar(quiet, total, label), method_name=method)
     table = Table(title=f"{rep.method} at NFE {rep.nfe}: endpoint RMSE on held-out seeds (lower is better)")
     table.add_column("solver")
     table.add_column("RMSE", justify="right")

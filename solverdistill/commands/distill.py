@@ -4,7 +4,7 @@ artifact, and compare it with its initial solver and the best handcrafted solver
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .. import artifacts, students
@@ -46,10 +46,19 @@ def ensure_cache(recipe: Recipe, model, say, progress_factory) -> tuple[TeacherC
     return TeacherCache.open(root), True
 
 
-def run_distill(recipe: Recipe, out: str | None, say, progress_factory) -> DistillReport:
+def run_distill(recipe: Recipe, out: str | None, say, progress_factory, method_name: str | None = None) -> DistillReport:
     start = time.time()
-    method = students.get(str(recipe.student.get("method", "dlms")))
-    s_cfg, t_cfg = students.configs(method, recipe.student, recipe.train)
+    own = str(recipe.student.get("method", "dlms"))
+    method = students.get(method_name or own)
+    student, train = recipe.student, recipe.train
+    if method.name != own:
+        # --method switched methods: the recipe's keys for its own method do not apply; keep the shared ones.
+        keep = lambda section, cls: {k: v for k, v in section.items() if k in {f.name for f in fields(cls)}}
+        student = {**keep(student, method.student_section), "method": method.name}
+        train = keep(train, method.train_section)
+        say(f"--method {method.name}: using the recipe's keys that {method.name} knows "
+            f"({', '.join(sorted(set(student) | set(train)))})")
+    s_cfg, t_cfg = students.configs(method, student, train)
     device = resolve_device(getattr(t_cfg, "device", "auto"))
     model = resolve(recipe.model.spec, device=device, dtype=resolve_dtype(recipe.teacher.compute_dtype))
     cache, built = ensure_cache(recipe, model, say, progress_factory)
