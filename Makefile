@@ -25,9 +25,12 @@ $(STAMP): pyproject.toml
 test: install
 	$(PYTHON) -m pytest -q -n 2 $(PYTEST_ARGS)
 
+# The quick start: teacher trajectories -> DLMS at NFE 5 -> samples with it (a few minutes on 2 CPU cores).
 demo: install
-	$(PYTHON) -m solverdistill sample --model gmm:cifar --solver dpm++ --nfe 10 --num 64 --seed 0 --out out/demo
-	@echo "grid written to out/demo/grid.png"
+	$(PYTHON) -m solverdistill teacher recipes/quickstart.yaml
+	$(PYTHON) -m solverdistill distill recipes/quickstart.yaml
+	$(PYTHON) -m solverdistill sample --solver out/quickstart_dlms_nfe5.npz --num 64 --seed 1000000 --out out/demo
+	@echo "sample grid: out/demo/grid.png"
 
 bench: install
 	$(PYTHON) benchmarks/teacher_overhead.py

@@ -36,7 +36,7 @@ def tiny_recipe(tmp_path_factory):
 model: {{spec: gmm:tiny}}
 teacher: {{steps: 64, num_samples: 140, batch: 70, cache: '{root / "cache"}', compute_dtype: float64}}
 student: {{method: dlms, nfe: 4}}
-train: {{iterations: 40, batch: 32, heldout: 32, eval_every: 10}}
+train: {{iterations: 40, batch: 32, heldout: 32, validation: 16, eval_every: 10}}
 output: '{root / "dlms.npz"}'
 """)
     rec = load_recipe(path)
@@ -95,7 +95,7 @@ def test_short_fit_lowers_heldout_loss(tiny_recipe):
     s, t = students.configs(method, tiny_recipe.student, tiny_recipe.train)
     cache = TeacherCache.open(tiny_recipe.cache_dir())
     art = method.fit(cache, resolve("gmm:tiny", dtype=torch.float64), s, t)
-    history = art.meta["training"]["heldout_rmse_history"]
+    history = art.meta["training"]["validation_rmse_history"]
     assert min(r for _, r in history[1:]) < history[0][1]
     assert art.meta["training"]["skipped_steps"] == 0
 
@@ -229,3 +229,13 @@ def test_bad_student_keys_name_the_path(tiny_recipe, tmp_path):
     assert r.exit_code == 2 and "student.ordr: unknown key" in r.output
     r = cli("distill", tiny_recipe.path, "--method", "magic", "--quiet")
     assert r.exit_code == 2 and "unknown method" in r.output
+
+
+def test_shipped_recipes_are_valid(monkeypatch):
+    from pathlib import Path
+    monkeypatch.setenv("SDISTILL_MODELS", "/models")
+    paths = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+    assert len(paths) >= 7
+    for path in paths:
+        rec = load_recipe(path)
+        students.configs(students.get(rec.student["method"]), rec.student, rec.train)

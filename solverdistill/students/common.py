@@ -32,7 +32,9 @@ def start_states(cache, idx, model) -> torch.Tensor:
 
 
 def endpoints(cache, idx) -> torch.Tensor:
-    return torch.from_numpy(cache.get("x", idx)[:, -1].astype(np.float64))
+    """The teacher's final states (reads only that column of the trajectories)."""
+    cols = np.full((len(idx), 1), cache.steps)
+    return torch.from_numpy(cache.get_points("x", idx, cols)[:, 0])
 
 
 def heldout_rmse(solver, model, cache, idx, batch: int = 256) -> float:

@@ -54,10 +54,12 @@ class DLMSStudent:
 @dataclass
 class DLMSTrain:
     lr: float = field(default=5e-3, metadata={"min": 0.0})
+    lr_decay: str = field(default="cosine", metadata={"choices": ("cosine", "none")})
     batch: int = field(default=64, metadata={"min": 1})
     iterations: int = field(default=300, metadata={"min": 0})
     samples: int = field(default=0, metadata={"min": 0})      # 0: every cached trajectory not held out
     heldout: int = field(default=256, metadata={"min": 1})
+    validation: int = field(default=64, metadata={"min": 1})  # taken from the training pool, for early stopping
     loss: str = field(default="both", metadata={"choices": ("trajectory", "endpoint", "both")})
     final_weight: float = field(default=10.0, metadata={"min": 0.0})
     window: int = field(default=2, metadata={"min": 0})       # steps per gradient window; 0 = whole trajectory
@@ -251,15 +253,20 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
         raise BadInput(f"student.order: plms init has coefficients up to order 4, got {s.order}")
     student = DLMS(s, initial_grid(s, model.sigma_min, model.sigma_max)).to(device=model.device, dtype=model.dtype)
     train_idx, held_idx = split(cache, t.samples, t.heldout)
+    if t.validation >= len(train_idx):
+        raise BadInput(f"train.validation: {t.validation} leaves no training trajectories out of {len(train_idx)}")
+    # Model selection uses its own validation trajectories, never the held-out ones the metrics report.
+    train_idx, val_idx = train_idx[:-t.validation], train_idx[-t.validation:]
     rng = np.random.default_rng(t.seed)
     torch.manual_seed(t.seed)
     opt = torch.optim.Adam(student.designer.parameters(), lr=t.lr)
-    target_end = endpoints(cache, held_idx)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(t.iterations, 1)) if t.lr_decay == "cosine" else None
+    target_end = endpoints(cache, val_idx)
 
     def evaluate():
         with torch.no_grad():
-            out = torch.cat([student.solve(model, start_states(cache, held_idx[i:i + 256], model)).double().cpu()
-                             for i in range(0, len(held_idx), 256)])
+            out = torch.cat([student.solve(model, start_states(cache, val_idx[i:i + 256], model)).double().cpu()
+                             for i in range(0, len(val_idx), 256)])
         return (out - target_end).pow(2).mean().sqrt().item()
 
     history = [(0, evaluate())]
@@ -275,6 +282,8 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
             skipped += 1  # NaN guard: skip the step, count it, report it
         else:
             opt.step()
+        if sched:
+            sched.step()
         if it % t.eval_every == 0 or it == t.iterations:
             rm = evaluate()
             history.append((it, rm))
@@ -285,7 +294,7 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
             if t.patience and stale >= t.patience:
                 break
         if progress:
-            progress(1, info=f"loss {loss:.3e}  held-out rmse {history[-1][1]:.4f}")
+            progress(1, info=f"loss {loss:.3e}  validation rmse {history[-1][1]:.4f}")
     student.load_state_dict(best_state)
     arrays = {f"designer.{k}": v.detach().cpu().double().numpy() for k, v in student.designer.state_dict().items()}
     arrays["init_grid"] = student.init_grid.cpu().numpy()
@@ -293,8 +302,8 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
                     afs=s.afs, grid=student.init_grid.tolist(), student=asdict(s), model=model.spec,
                     model_fingerprint=model.fingerprint,
                     training={"seconds": time.time() - start, "iterations": it if t.iterations else 0,
-                              "samples": len(train_idx), "skipped_steps": skipped, "heldout": len(held_idx),
-                              "heldout_rmse_history": history, "train": asdict(t)})
+                              "samples": len(train_idx), "skipped_steps": skipped, "validation": len(val_idx),
+                              "validation_rmse_history": history, "train": asdict(t)})
     return Artifact(meta, arrays)
 
 
