@@ -17,6 +17,7 @@ import yaml
 
 from . import __version__
 from .errors import BadInput
+from .outputs import read_npz
 
 FORMAT, FORMAT_VERSION = "sdistill-solver", 1
 REQUIRED_META = ("format", "format_version", "method", "nfe", "model_fingerprint")
@@ -91,22 +92,7 @@ def load(path: str | os.PathLike, fingerprint: str | None = None, force: bool = 
             except (TypeError, ValueError):
                 raise BadInput(f"{p}: array {k!r} must be a (nested) list of numbers") from None
     else:
-        try:
-            with np.load(p, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except ValueError as e:
-            if "pickle" in str(e).lower():
-                raise BadInput(f"{p}: holds a pickled object array; artifacts hold plain numbers only, "
-                               "and nothing in them is ever executed") from None
-            raise BadInput(f"{p}: not a readable NPZ artifact ({e})") from None
-        except (OSError, EOFError) as e:
-            raise BadInput(f"{p}: not a readable NPZ artifact ({e})") from None
-        if "meta" not in arrays:
-            raise BadInput(f"{p}: missing the 'meta' entry (a JSON string)")
-        try:
-            meta = json.loads(str(arrays.pop("meta")[()]))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise BadInput(f"{p}: 'meta' is not valid JSON ({e})") from None
+        arrays, meta = read_npz(p, "artifact")
     if not isinstance(meta, dict):
         raise BadInput(f"{p}: 'meta' must be a JSON object")
     missing = [k for k in REQUIRED_META if k not in meta]
@@ -117,7 +103,14 @@ def load(path: str | os.PathLike, fingerprint: str | None = None, force: bool = 
     if meta["format_version"] != FORMAT_VERSION:
         raise BadInput(f"{p}: unknown format_version {meta['format_version']!r}; this sdistill reads version "
                        f"{FORMAT_VERSION}")
-    if fingerprint is not None and meta["model_fingerprint"] != fingerprint and not force:
-        raise BadInput(f"{p}: made for model {meta.get('model', '?')} (fingerprint {meta['model_fingerprint']}), "
-                       f"not this one ({fingerprint}); use --force to use it anyway")
-    return Artifact(meta, arrays, str(p))
+    art = Artifact(meta, arrays, str(p))
+    if fingerprint is not None:
+        check_model(art, fingerprint, force)
+    return art
+
+
+def check_model(art: Artifact, fingerprint: str, force: bool = False) -> None:
+    """An artifact made for another model (weights or config) is refused unless `force`."""
+    if art.meta["model_fingerprint"] != fingerprint and not force:
+        raise BadInput(f"{art.path}: made for model {art.meta.get('model', '?')} (fingerprint "
+                       f"{art.meta['model_fingerprint']}), not this one ({fingerprint}); use --force to use it anyway")

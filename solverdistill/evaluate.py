@@ -31,3 +31,18 @@ def solver_endpoints(model, solver: str, nfe: int, seeds: list[int], *, schedule
                      **options) -> torch.Tensor:
     p = plan(solver, nfe, model.sigma_min, model.sigma_max, schedule, afs, **options)
     return generate(model, lambda m, x, c, cb: p.solve(m, x, c, cb), seeds, batch=batch).x
+
+
+def acceleration_ratio(student_error: float, student_nfe: int, best_curve: dict[int, float]) -> float:
+    """algorithms.md section 7: the smallest NFE m (log-log interpolated) at which the best handcrafted solver
+    reaches the student's error, divided by the student's NFE. `best_curve` maps NFE -> best handcrafted error.
+    Returns inf when no NFE in the curve reaches it (the ratio is then at least max(curve) / student_nfe)."""
+    nfes = sorted(best_curve)
+    for lo, hi in zip(nfes, nfes[1:]):
+        e_lo, e_hi = best_curve[lo], best_curve[hi]
+        if e_lo <= student_error:
+            return lo / student_nfe
+        if e_hi <= student_error:
+            f = (math.log(e_lo) - math.log(student_error)) / (math.log(e_lo) - math.log(e_hi))
+            return math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo))) / student_nfe
+    return nfes[0] / student_nfe if best_curve[nfes[0]] <= student_error else math.inf

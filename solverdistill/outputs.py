@@ -87,17 +87,23 @@ def save_pictures(x: np.ndarray, out: Path, png_each: bool = False, title: str =
     return written
 
 
-def load_samples(path: str) -> tuple[dict, dict]:
-    """Read a samples.npz safely (no pickles); returns (arrays, meta)."""
+def read_npz(path, what: str = "file") -> tuple[dict, dict]:
+    """Read our NPZ files (samples, artifacts) safely: plain arrays plus a JSON `meta`; an object array is
+    refused, so nothing in a file is ever executed. Returns (arrays, meta)."""
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{path}: not a readable samples .npz ({e})") from None
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise BadInput(f"{path}: holds a pickled object array; a {what} holds plain numbers only, "
+                           "and nothing in it is ever executed") from None
+        raise BadInput(f"{path}: not a readable NPZ {what} ({e})") from None
+    except (OSError, EOFError) as e:
+        raise BadInput(f"{path}: not a readable NPZ {what} ({e})") from None
     if "meta" not in arrays:
-        raise BadInput(f"{path}: missing the 'meta' entry")
+        raise BadInput(f"{path}: missing the 'meta' entry (a JSON string)")
     try:
         meta = json.loads(str(arrays.pop("meta")[()]))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, TypeError) as e:
         raise BadInput(f"{path}: 'meta' is not valid JSON ({e})") from None
     return arrays, meta

@@ -209,3 +209,12 @@ def test_unknown_solver_and_aliases():
     assert solvers.get("ddim").name == "euler" and solvers.get("dpm++").name == "dpm++3m"
     with pytest.raises(BadInput, match="unknown solver"):
         solvers.get("rk45")
+
+
+def test_acceleration_ratio_interpolates_in_log_log():
+    from solverdistill.evaluate import acceleration_ratio
+    curve = {4: 0.4, 8: 0.1, 16: 0.025}
+    assert acceleration_ratio(0.1, 4, curve) == pytest.approx(2.0)
+    assert acceleration_ratio(0.05, 4, curve) == pytest.approx(math.sqrt(8 * 16) / 4)
+    assert acceleration_ratio(0.5, 4, curve) == pytest.approx(1.0)
+    assert acceleration_ratio(0.001, 4, curve) == math.inf

@@ -29,7 +29,7 @@ def load_solver(solver, model_spec, nfe, schedule, afs, lower_order_final, devic
         if not spec:
             raise BadInput(f"--model: required; {solver} does not name its model")
         den = resolve(spec, device=device, dtype=dtype)
-        artifacts.load(solver, fingerprint=den.fingerprint, force=force)  # refuses another model
+        artifacts.check_model(art, den.fingerprint, force)
         method = students.get(art.method)
         return den, method.load(art, den), {"artifact": str(solver), "method": art.method}
     if model_spec is None:

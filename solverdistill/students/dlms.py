@@ -54,15 +54,15 @@ class DLMSStudent:
 @dataclass
 class DLMSTrain:
     lr: float = field(default=5e-3, metadata={"min": 0.0})
-    lr_decay: str = field(default="cosine", metadata={"choices": ("cosine", "none")})
+    lr_decay: str = field(default="none", metadata={"choices": ("cosine", "none")})
     batch: int = field(default=64, metadata={"min": 1})
     iterations: int = field(default=300, metadata={"min": 0})
     samples: int = field(default=0, metadata={"min": 0})      # 0: every cached trajectory not held out
     heldout: int = field(default=256, metadata={"min": 1})
     validation: int = field(default=64, metadata={"min": 1})  # taken from the training pool, for early stopping
     loss: str = field(default="both", metadata={"choices": ("trajectory", "endpoint", "both")})
-    final_weight: float = field(default=10.0, metadata={"min": 0.0})
-    window: int = field(default=2, metadata={"min": 0})       # steps per gradient window; 0 = whole trajectory
+    final_weight: float = field(default=3.0, metadata={"min": 0.0})
+    window: int = field(default=0, metadata={"min": 0})       # steps per gradient window; 0 = whole trajectory
     eval_every: int = field(default=25, metadata={"min": 1})
     patience: int = field(default=0, metadata={"min": 0})     # evaluations without improvement before stopping
     seed: int = 0
@@ -252,7 +252,7 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
     if s.order > 4 and s.init == "plms":
         raise BadInput(f"student.order: plms init has coefficients up to order 4, got {s.order}")
     student = DLMS(s, initial_grid(s, model.sigma_min, model.sigma_max)).to(device=model.device, dtype=model.dtype)
-    train_idx, held_idx = split(cache, t.samples, t.heldout)
+    train_idx, _ = split(cache, t.samples, t.heldout)
     if t.validation >= len(train_idx):
         raise BadInput(f"train.validation: {t.validation} leaves no training trajectories out of {len(train_idx)}")
     # Model selection uses its own validation trajectories, never the held-out ones the metrics report.

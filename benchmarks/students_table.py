@@ -1,0 +1,62 @@
+"""The Results table: held-out endpoint RMSE of the best handcrafted solver per NFE, D-ODE and DLMS, with
+acceleration ratios (algorithms.md section 7). Usage:
+    python benchmarks/students_table.py RECIPE [OUT.md] [--nfe 3,4,5,6,8]
+Uses the recipe's teacher cache (built first when missing) and its student/train sections for DLMS."""
+
+import argparse
+import math
+import time
+
+from solverdistill import students
+from solverdistill.commands.distill import ensure_cache
+from solverdistill.evaluate import acceleration_ratio
+from solverdistill.models import resolve
+from solverdistill.progress import Bar
+from solverdistill.recipes import load_recipe
+from solverdistill.sampling import resolve_dtype
+from solverdistill.students.common import handcrafted_baselines, heldout_rmse, split
+
+ap = argparse.ArgumentParser()
+ap.add_argument("recipe")
+ap.add_argument("out", nargs="?", default="out/students_table.md")
+ap.add_argument("--nfe", default="3,4,5,6,8")
+args = ap.parse_args()
+recipe = load_recipe(args.recipe)
+model = resolve(recipe.model.spec, dtype=resolve_dtype(recipe.teacher.compute_dtype))
+cache, _ = ensure_cache(recipe, model, print, lambda n, label: Bar(n, label, disabled=True))
+dlms, dode = students.get("dlms"), students.get("dode")
+s_dlms, t_dlms = students.configs(dlms, {**recipe.student, "method": "dlms"}, recipe.train)
+_, held = split(cache, t_dlms.samples, t_dlms.heldout)
+
+curve, best_name = {}, {}
+for nfe in range(2, 21):
+    base = handcrafted_baselines(model, cache, held, nfe)
+    best_name[nfe] = min(base, key=base.get)
+    curve[nfe] = base[best_name[nfe]]
+    print(f"handcrafted NFE {nfe}: best {best_name[nfe]} {curve[nfe]:.4f}", flush=True)
+
+rows = []
+for nfe in [int(v) for v in args.nfe.split(",")]:
+    t0 = time.time()
+    art = dlms.fit(cache, model, type(s_dlms)(**{**s_dlms.__dict__, "nfe": nfe}), t_dlms)
+    dlms_s = time.time() - t0
+    e_dlms = heldout_rmse(dlms.load(art, model), model, cache, held)
+    best_dode, best_base = math.inf, ""
+    for base in ("dpm++3m", "unipc", "ipndm", "deis", "euler", "dpm++2m"):
+        s, t = students.configs(dode, {"method": "dode", "nfe": nfe, "base": base}, {"heldout": t_dlms.heldout})
+        e = heldout_rmse(dode.load(dode.fit(cache, model, s, t), model), model, cache, held)
+        if e < best_dode:
+            best_dode, best_base = e, base
+    rows.append((nfe, best_name[nfe], curve[nfe], best_base, best_dode, e_dlms, dlms_s,
+                 acceleration_ratio(best_dode, nfe, curve), acceleration_ratio(e_dlms, nfe, curve)))
+    print(rows[-1], flush=True)
+
+lines = [f"Held-out endpoint RMSE on {recipe.model.spec} ({len(held)} held-out seeds, teacher: {cache.spec['solver']} "
+         f"{cache.steps} steps), acceleration ratio in brackets", "",
+         "| NFE | best handcrafted | D-ODE (best base) | DLMS | DLMS fit s |", "|---|---|---|---|---|"]
+for nfe, bn, be, db, de, le, ls, ar_d, ar_l in rows:
+    lines.append(f"| {nfe} | {be:.4f} ({bn}) | {de:.4f} ({db}) [{ar_d:.2f}x] | {le:.4f} [{ar_l:.2f}x] | {ls:.0f} |")
+lines += ["", "Best handcrafted by NFE: " + ", ".join(f"{n}: {curve[n]:.4f} ({best_name[n]})" for n in sorted(curve))]
+print("\n".join(lines))
+with open(args.out, "w") as f:
+    f.write("\n".join(lines) + "\n")
