@@ -184,6 +184,42 @@ def inspect(artifact: Path = typer.Argument(..., help="Solver artifact (.npz or 
     out.print(table)
 
 
+@command
+def fid(
+    samples: Optional[str] = typer.Argument(None, help="samples.npz or a folder of PNG/JPEG images."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Statistics .npz (mu, sigma), image folder, dataset "
+                                      "name with a local statistics file, or (pixels) a gmm: model spec."),
+    features: str = typer.Option("inception", "--features", help="inception or pixels."),
+    mode: str = typer.Option("legacy_tensorflow", "--mode", help="legacy_tensorflow (papers) or clean."),
+    batch: int = typer.Option(64, "--batch", help="Images per batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    inception: Optional[str] = typer.Option(None, "--inception", help="Path to inception-2015-12-05.pt."),
+    make_ref: Optional[str] = typer.Option(None, "--make-ref", help="Write reference statistics of these images."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="With --make-ref: the statistics .npz to write."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Frechet distance (FID with Inception features); the distance is the last line on stdout."""
+    import json
+    from .commands.fid import make_ref as write_ref, run_fid
+    from .sampling import resolve_device
+    dev = resolve_device(device)
+    if make_ref:
+        if out_path is None:
+            raise BadInput("--out: required with --make-ref (the statistics .npz to write)")
+        path, n = write_ref(make_ref, str(out_path), features, mode, batch, dev, inception)
+        out.print(f"wrote {path} ({n} images, {features} features)", highlight=False, soft_wrap=True)
+        return
+    if samples is None or ref is None:
+        raise BadInput("give SAMPLES and --ref (or --make-ref IMAGES --out ref.npz)")
+    r = run_fid(samples, ref, features, mode, batch, dev, inception)
+    if as_json:
+        print(json.dumps({"fid": r.distance, "samples": r.samples, "features": r.features, "mode": r.mode,
+                          "reference": r.reference}))
+    else:
+        err.print(f"{r.samples} samples, {r.features} features ({r.mode}), reference {r.reference}", highlight=False)
+        print(f"{r.distance:.6g}")
+
+
 cache_app = typer.Typer(help="Inspect teacher caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 

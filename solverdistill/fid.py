@@ -1,0 +1,227 @@
+"""Frechet distances (algorithms.md section 7): streaming float64 feature statistics, the distance itself, and
+the features: raw pixels, or Inception-v3 pool features through the TorchScript network the papers use.
+
+The Inception weights are never downloaded: `inception-2015-12-05.pt` (published by NVIDIA with the
+StyleGAN2-ADA metrics; clean-fid's `InceptionV3W` wraps the same file) is read from `--inception PATH`,
+`$SDISTILL_INCEPTION`, or `~/.cache/sdistill/inception-2015-12-05.pt`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import BadInput
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+
+
+class FeatureStats:
+    """Sums of f and f f^T in float64, so parts (batches, processes) add up to the whole exactly."""
+
+    def __init__(self, dim: int | None = None):
+        self.n, self.s1, self.s2 = 0, None, None
+        if dim is not None:
+            self._alloc(dim)
+
+    def _alloc(self, dim, device="cpu"):
+        self.s1 = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.s2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, f: torch.Tensor) -> None:
+        """Accumulate on the features' own device (no copy back per batch)."""
+        f = f.detach().to(torch.float64).reshape(f.shape[0], -1)
+        if self.s1 is None:
+            self._alloc(f.shape[1], f.device)
+        self.n += f.shape[0]
+        self.s1 += f.sum(0)
+        self.s2 += f.T @ f
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        out = FeatureStats()
+        out.n, out.s1, out.s2 = self.n + other.n, self.s1 + other.s1, self.s2 + other.s2
+        return out
+
+    def mean(self) -> np.ndarray:
+        return (self.s1 / self.n).cpu().numpy()
+
+    def cov(self) -> np.ndarray:
+        """Unbiased (1/(N-1)), as EDM and clean-fid compute it."""
+        if self.n < 2:
+            raise BadInput("FID needs at least 2 samples")
+        mu = self.s1 / self.n
+        return ((self.s2 - self.n * torch.outer(mu, mu)) / (self.n - 1)).cpu().numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), with tr sqrt(S1 S2) = sum sqrt(max(Re eig(S1 S2), 0))."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise BadInput(f"feature dimensions differ: samples {mu1.shape[0]}, reference {mu2.shape[0]}")
+    eig = np.linalg.eigvals(s1 @ s2)
+    tr_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def inception_path(explicit: str | None) -> Path:
+    candidates = [explicit] if explicit else [os.environ.get("SDISTILL_INCEPTION"),
+                                              str(Path.home() / ".cache" / "sdistill" / INCEPTION_FILE)]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return Path(c)
+    where = explicit or candidates[-1]
+    raise BadInput(f"--inception: the Inception-v3 TorchScript weights are not at {where}. Expected the file "
+                   f"{INCEPTION_FILE} (sha256 {INCEPTION_SHA256}), published by NVIDIA with the StyleGAN2-ADA metrics at "
+                   f"{INCEPTION_URL}; pass "
+                   "--inception PATH or set SDISTILL_INCEPTION. Nothing is downloaded.")
+
+
+class InceptionFeatures:
+    """2048-d pool features. `legacy_tensorflow`: uint8 images go in as they are and the TF-compatible network
+    resizes inside (the papers' numbers). `clean`: PIL bicubic resize to 299 outside, then the network's layers
+    on (x - 128) / 128, as clean-fid's clean mode does."""
+
+    def __init__(self, path: Path, mode: str = "legacy_tensorflow", device="cpu"):
+        if mode not in ("legacy_tensorflow", "clean"):
+            raise BadInput(f"--mode: expected legacy_tensorflow or clean, got {mode!r}")
+        import warnings
+        try:
+            with warnings.catch_warnings():  # TorchScript is deprecated upstream, but it is the published format
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.net = torch.jit.load(str(path), map_location=device).eval()
+        except Exception as e:
+            raise BadInput(f"--inception: {path} is not a loadable TorchScript file ({type(e).__name__}: {e})") from None
+        self.mode, self.device = mode, torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> float64 [B, D]."""
+        x = images_uint8.to(self.device)
+        if self.mode == "legacy_tensorflow":
+            f = self.net(x.to(torch.float32), return_features=True)
+        else:
+            x = clean_resize(x.cpu()).to(self.device)
+            f = self.net.layers.forward((x.to(torch.float32) - 128) / 128)
+        return f.reshape(f.shape[0], -1).to(torch.float64)
+
+
+def clean_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
+    from PIL import Image
+    out = []
+    for im in x.permute(0, 2, 3, 1).numpy():
+        ch = [np.asarray(Image.fromarray(im[..., c]).resize((size, size), Image.BICUBIC), dtype=np.float32)
+              for c in range(im.shape[-1])]
+        out.append(np.stack(ch, 0))
+    return torch.from_numpy(np.clip(np.stack(out), 0, 255).round().astype(np.uint8))
+
+
+def to_uint8_nchw(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images -> uint8 of x * 127.5 + 128, clipped (EDM / clean-fid legacy convention)."""
+    return (x.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+# --- where images and reference statistics come from ----------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def iter_images(source: str, batch: int):
+    """Batches of uint8 [B, C, H, W] from a samples.npz (`images` if present, else `x`, in [-1, 1]) or a folder
+    of PNG/JPEG files (sorted by name). Reads lazily: memory does not grow with the number of samples."""
+    from PIL import Image, UnidentifiedImageError
+    p = Path(source)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise BadInput(f"{p}: no PNG or JPEG images in this folder")
+        size = None
+        for b in range(0, len(files), batch):
+            arrs = []
+            for f in files[b:b + batch]:
+                try:
+                    with Image.open(f) as im:
+                        a = np.asarray(im.convert("RGB"))
+                except (UnidentifiedImageError, OSError) as e:
+                    raise BadInput(f"{f}: unreadable image ({e})") from None
+                if size is None:
+                    size = a.shape
+                elif a.shape != size:
+                    raise BadInput(f"{f}: image size {a.shape[1]}x{a.shape[0]} differs from the first image's "
+                                   f"{size[1]}x{size[0]}; all images must have one size")
+                arrs.append(a)
+            yield torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+        return
+    from .outputs import read_npz
+    if not p.is_file():
+        raise BadInput(f"{p}: no such samples file or image folder")
+    arrays, _ = read_npz(p, "samples file")
+    x = arrays.get("images", arrays.get("x"))
+    if x is None or x.ndim != 4:
+        raise BadInput(f"{p}: expected an array 'x' (or 'images') of shape [N, C, H, W]")
+    for b in range(0, len(x), batch):
+        yield to_uint8_nchw(torch.from_numpy(np.asarray(x[b:b + batch])))
+
+
+def iter_pixels(source: str, batch: int):
+    """Raw sample values, flattened, float64 (no quantisation) from a samples.npz; images from a folder map
+    to [-1, 1]."""
+    p = Path(source)
+    if p.is_file() and p.suffix == ".npz":
+        from .outputs import read_npz
+        arrays, _ = read_npz(p, "samples file")
+        x = arrays.get("images", arrays.get("x"))
+        if x is None:
+            raise BadInput(f"{p}: expected an array 'x'")
+        for b in range(0, len(x), batch):
+            yield torch.from_numpy(np.asarray(x[b:b + batch], dtype=np.float64)).flatten(1)
+        return
+    for u8 in iter_images(source, batch):
+        yield (u8.to(torch.float64) - 127.5) / 127.5
+
+
+def prefetch(iterator, depth: int = 2):
+    """Run a batch iterator in a background thread so decoding overlaps the network."""
+    import queue
+    import threading
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def worker():
+        try:
+            for item in iterator:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:
+            q.put(e)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def load_stats(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "mu" not in f.files or "sigma" not in f.files:
+                raise BadInput(f"{path}: a statistics file needs arrays 'mu' and 'sigma' (has {', '.join(f.files)})")
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: not a readable statistics .npz ({e})") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise BadInput(f"{path}: 'mu' must be [D] and 'sigma' [D, D], got {mu.shape} and {sigma.shape}")
+    return mu, sigma
+
+
+def stats_dir() -> Path:
+    return Path(os.environ.get("SDISTILL_STATS", str(Path.home() / ".cache" / "sdistill" / "stats")))

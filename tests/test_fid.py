@@ -1,0 +1,134 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from solverdistill.cli import app
+from solverdistill.fid import FeatureStats, frechet_distance
+
+runner = CliRunner()
+
+
+def cli(*args, **kw):
+    return runner.invoke(app, [str(a) for a in args], **kw)
+
+
+def test_frechet_distance_equals_closed_form_for_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 5))
+    s1 = a @ a.T + np.eye(5)
+    s2 = np.diag(rng.uniform(0.5, 2.0, 5))
+    mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
+    # Closed form: tr sqrt(S1 S2) = tr sqrt(S2^1/2 S1 S2^1/2) via a symmetric eigendecomposition.
+    r = np.sqrt(s2)
+    w = np.linalg.eigvalsh(r @ s1 @ r)
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(w).sum()
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-10)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+    # Commuting case: diagonal covariances, FD = |dmu|^2 + sum (sqrt(a) - sqrt(b))^2
+    d1, d2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
+    assert frechet_distance([0, 0], d1, [1, 1], d2) == pytest.approx(2 + (1 - 3) ** 2 + (2 - 1) ** 2)
+
+
+def test_streaming_stats_equal_batch_and_parts_add_up():
+    x = torch.randn(103, 7, dtype=torch.float64) * 3 + 1
+    whole = FeatureStats()
+    whole.update(x)
+    assert np.allclose(whole.mean(), x.mean(0).numpy())
+    assert np.allclose(whole.cov(), np.cov(x.numpy().T), atol=1e-12)
+    streamed, a, b = FeatureStats(), FeatureStats(), FeatureStats()
+    for chunk in x.split(10):
+        streamed.update(chunk)
+    a.update(x[:40])
+    b.update(x[40:])
+    merged = a.merge(b)
+    for s in (streamed, merged):
+        assert s.n == 103 and np.allclose(s.mean(), whole.mean()) and np.allclose(s.cov(), whole.cov(), atol=1e-12)
+
+
+def write_images(folder, n, size=(8, 8), seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+class Layers(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+class StandIn(torch.nn.Module):
+    """A TorchScript stand-in with the real file's calling convention: uint8-valued floats in, features out."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = Layers()
+
+    def forward(self, x, return_features: bool = True):
+        x = torch.nn.functional.interpolate(x, size=(29, 29), mode="bilinear", align_corners=False)
+        return self.layers((x - 128) / 128)
+
+
+@pytest.fixture
+def inception(tmp_path):
+    path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(StandIn()).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["legacy_tensorflow", "clean"])
+def test_inception_path_end_to_end(tmp_path, inception, mode):
+    write_images(tmp_path / "a", 12, seed=1)
+    write_images(tmp_path / "b", 10, seed=2)
+    r = cli("fid", tmp_path / "a", "--ref", tmp_path / "b", "--inception", inception, "--mode", mode,
+            "--batch", 5, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["samples"] == 12 and res["fid"] > 0
+    r = cli("fid", "--make-ref", tmp_path / "b", "--out", tmp_path / "ref.npz", "--inception", inception,
+            "--mode", mode)
+    assert r.exit_code == 0, r.output
+    r2 = cli("fid", tmp_path / "a", "--ref", tmp_path / "ref.npz", "--inception", inception, "--mode", mode)
+    assert float(r2.stdout.strip().splitlines()[-1]) == pytest.approx(res["fid"], rel=1e-4)
+    same = cli("fid", tmp_path / "a", "--ref", tmp_path / "a", "--inception", inception, "--mode", mode)
+    assert abs(float(same.stdout.strip().splitlines()[-1])) < 1e-6
+
+
+def test_samples_npz_pixels_and_exact_mixture(tmp_path):
+    r = cli("sample", "--model", "gmm:ring2d", "--num", 400, "--nfe", 20, "--solver", "heun", "--out", tmp_path, "--quiet")
+    assert r.exit_code == 0
+    r = cli("fid", tmp_path / "samples.npz", "--ref", "gmm:ring2d", "--features", "pixels")
+    assert r.exit_code == 0, r.output
+    assert 0 <= float(r.stdout.strip().splitlines()[-1]) < 0.05
+
+
+def test_missing_inception_names_file_and_sha(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SDISTILL_INCEPTION", raising=False)
+    write_images(tmp_path / "a", 3)
+    r = cli("fid", tmp_path / "a", "--ref", tmp_path / "a")
+    assert r.exit_code == 2
+    assert "inception-2015-12-05.pt" in r.output and "f58cb9b6" in r.output and "nvlabs" in r.output
+
+
+@pytest.mark.parametrize("case, message", [("unreadable", "unreadable image"), ("sizes", "differs"),
+                                           ("nomu", "'mu' and 'sigma'"), ("noref", "not a file")])
+def test_fid_bad_input(tmp_path, inception, case, message):
+    write_images(tmp_path / "a", 4)
+    ref = tmp_path / "a"
+    if case == "unreadable":
+        (tmp_path / "a" / "zzz.png").write_bytes(b"not a png")
+    elif case == "sizes":
+        write_images(tmp_path / "a", 1, size=(9, 9), seed=5)
+        Image.open(tmp_path / "a" / "000.png").resize((9, 9)).save(tmp_path / "a" / "001.png")
+    elif case == "nomu":
+        ref = tmp_path / "s.npz"
+        np.savez(ref, sigma=np.eye(2))
+    else:
+        ref = "no_such_dataset"
+    r = cli("fid", tmp_path / "a", "--ref", ref, "--inception", inception)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
