@@ -220,6 +220,68 @@ def fid(
         print(f"{r.distance:.6g}")
 
 
+@command
+def compare(
+    solvers_: str = typer.Option("ddim,dpm++,dlms", "--solvers", help="Comma-separated: handcrafted names (+afs), "
+                                 "artifact paths, or dlms/dode/sfd."),
+    nfe: str = typer.Option("3,4,5,6,8,10", "--nfe", help="Comma-separated NFEs."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe: model, teacher cache (reference), students."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model spec (reference: an RK4 solve run here)."),
+    num: int = typer.Option(1000, "--num", help="Number of seeds."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="First seed (with --model; default 1000000)."),
+    metric: str = typer.Option("rmse", "--metric", help="Comma-separated: rmse, psnr, fd, fid."),
+    artifacts_dir: Optional[str] = typer.Option(None, "--artifacts", help="Artifact folders, comma-separated "
+                                                "(default: out, then solvers)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows as JSON."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write rows as CSV."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Metric-versus-NFE plot (PNG)."),
+    grid_out: Optional[Path] = typer.Option(None, "--grid", help="Image grid, one row per solver (PNG)."),
+    inception: Optional[str] = typer.Option(None, "--inception", help="Inception weights for --metric fid."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+):
+    """Compare solvers across NFEs on the same seeds: table, JSON/CSV rows, plot and image grid."""
+    from .commands.compare import parse_list, run_compare, write_outputs
+    from .recipes import load_recipe
+    names = parse_list(solvers_, "--solvers")
+    nfes = parse_list(nfe, "--nfe", int)
+    metrics = parse_list(metric, "--metric")
+    rec = load_recipe(recipe) if recipe else None
+    folders = [Path(p) for p in parse_list(artifacts_dir, "--artifacts")] if artifacts_dir else [Path("out"), Path("solvers")]
+    start = __import__("time").time()
+    comp = run_compare(names, nfes, recipe=rec, model_spec=model, num=num, seed=seed, metrics=metrics,
+                       folders=folders, say=lambda m: err.print(m, highlight=False),
+                       progress_factory=lambda total, label: progress_bar(quiet, total, label), inception=inception)
+    for m in metrics:
+        table = Table(title=f"{m} ({'higher' if m == 'psnr' else 'lower'} is better)")
+        table.add_column("solver")
+        for n in nfes:
+            table.add_column(f"NFE {n}", justify="right")
+        cells = {(r["solver"], r["nfe"]): r for r in comp.rows if r["metric"] == m}
+        best = {}
+        for n in nfes:
+            vals = [r["value"] for (s, k), r in cells.items() if k == n]
+            if vals:
+                best[n] = max(vals) if m == "psnr" else min(vals)
+        for name in names:
+            row = [name]
+            for n in nfes:
+                r = cells.get((name, n))
+                if r is None:
+                    row.append("-")
+                    continue
+                text = f"{r['value']:.4f}" + (f" ({r['network_passes']}p)" if r["network_passes"] != r["nfe"] else "")
+                row.append(f"[bold green]{text}*[/]" if r["value"] == best.get(n) else text)
+            table.add_row(*row)
+        out.print(table)
+    for note in comp.notes:
+        err.print(note, highlight=False)
+    written = write_outputs(comp, json_out, csv_out, plot_out, grid_out)
+    out.print(f"{comp.samples} seeds; reference: {comp.reference}", highlight=False, soft_wrap=True)
+    out.print(f"* best per column; NFE = denoiser calls, (Np) = network passes where they differ. "
+              f"{__import__('time').time() - start:.1f}s" + (f"; wrote {', '.join(map(str, written))}" if written else ""),
+              highlight=False, soft_wrap=True)
+
+
 cache_app = typer.Typer(help="Inspect teacher caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
