@@ -15,7 +15,7 @@ from solverdistill.sampling import plan
 from solverdistill.solvers.common import afs_denoised
 from solverdistill.solvers.multistep import dpmpp_table, sample_multistep
 from solverdistill.students.dlms import DLMS, DLMSStudent, initial_grid
-from solverdistill.students.dode import Extrapolated, landing
+from solverdistill.students.dode import Extrapolated, closed_form, landing
 from solverdistill.teacher import TeacherCache
 from solverdistill.teacher.run import run_teacher
 
@@ -116,6 +116,8 @@ def test_dode_closed_form_equals_brute_force_minimisation(tiny_recipe, base, nfe
     idx = np.arange(40)
     x = torch.from_numpy(cache.get("noise", idx)).double() * 80
     for k in (1, nfe - 1):
+        lams[k] = closed_form(p, model, cache, [idx], list(lams[:k]), k)  # the candidate, before the safeguard
+
         def loss(lam):
             out, sig = landing(p, model, x, list(lams[:k]) + [lam], k)
             target = cache.states_at(idx, sig[:, None], dtype=torch.float64)[:, 0]

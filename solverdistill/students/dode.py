@@ -19,7 +19,7 @@ from .. import sampling
 from ..artifacts import Artifact, new_meta
 from ..solvers import get as get_solver
 from . import Method, register
-from .common import split, start_states
+from .common import endpoints, split, start_states
 
 
 @dataclass
@@ -88,33 +88,53 @@ def landing(base: sampling.Plan, model, x, lams, k):
         return hit.x, hit.sigma.to(torch.float64)
 
 
+def closed_form(base, model, cache, batches, fixed: list[float], k: int) -> float:
+    """lam_k = <e, r> / <e, e> over all fitting samples, with lams before k fixed (float64 sums)."""
+    er = ee = 0.0
+    for idx in batches:
+        x = start_states(cache, idx, model)
+        x0, sig = landing(base, model, x, fixed + [0.0], k)
+        x1, _ = landing(base, model, x, fixed + [1.0], k)
+        target = cache.states_at(idx, sig[:, None].cpu(), dtype=torch.float64)[:, 0]
+        e = (x1 - x0).double().cpu()
+        r = target - x0.double().cpu()
+        er += float((e * r).sum())
+        ee += float((e * e).sum())
+    return er / ee if ee > 0 else 0.0
+
+
 def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
     start = time.time()
     base = sampling.plan(s.base, s.nfe, model.sigma_min, model.sigma_max, s.schedule or None, s.afs,
                          lower_order_final=s.lower_order_final)
     train_idx, _ = split(cache, t.samples, t.heldout)
-    lams = [0.0] * s.nfe
+    batches = [train_idx[b:b + t.batch] for b in range(0, len(train_idx), t.batch)]
+    final = [endpoints(cache, idx) for idx in batches]
+
+    def endpoint_error(lams):
+        return sum(float((base.solve(Extrapolated(model, lams), start_states(cache, idx, model)).double().cpu()
+                          - f).pow(2).sum()) for idx, f in zip(batches, final))
+
+    lams, rejected = [0.0] * s.nfe, 0
     with torch.no_grad():
+        current = endpoint_error(lams)
         for k in range(1, s.nfe):  # the first call has no predecessor: lam_0 = 0
-            er = ee = 0.0
-            for b in range(0, len(train_idx), t.batch):
-                idx = train_idx[b:b + t.batch]
-                x = start_states(cache, idx, model)
-                x0, sig = landing(base, model, x, lams[:k] + [0.0], k)
-                x1, _ = landing(base, model, x, lams[:k] + [1.0], k)
-                target = cache.states_at(idx, sig[:, None].cpu(), dtype=torch.float64)[:, 0]
-                e = (x1 - x0).double().cpu()
-                r = target - x0.double().cpu()
-                er += float((e * r).sum())
-                ee += float((e * e).sum())
-            lams[k] = er / ee if ee > 0 else 0.0
+            trial = lams[:k] + [closed_form(base, model, cache, batches, lams[:k], k)] + lams[k + 1:]
+            # Greedy per-call targets can pull the end state away (an intermediate landing, e.g. dpm2's
+            # midpoint, is not the goal): keep lam_k only if the fitting samples' endpoint error does not grow.
+            err = endpoint_error(trial)
+            if err <= current:
+                lams, current = trial, err
+            else:
+                rejected += 1
             if progress:
                 progress(1, info=f"lam_{k} = {lams[k]:+.4f}")
     meta = new_meta("dode", base_solver=base.info.name, nfe=s.nfe, network_passes=s.nfe * model.passes_per_call,
                     afs=s.afs, grid=base.sigmas.tolist(), schedule=s.schedule or base.info.default_schedule,
                     options={"lower_order_final": s.lower_order_final}, model=model.spec,
                     model_fingerprint=model.fingerprint,
-                    training={"seconds": time.time() - start, "samples": len(train_idx)})
+                    training={"seconds": time.time() - start, "samples": len(train_idx),
+                              "rejected_lambdas": rejected})
     return Artifact(meta, {"lambdas": np.array(lams), "grid": base.sigmas.numpy()})
 
 
