@@ -63,7 +63,7 @@ def run_distill(recipe: Recipe, out: str | None, say, progress_factory, method_n
     model = resolve(recipe.model.spec, device=device, dtype=resolve_dtype(recipe.teacher.compute_dtype))
     cache, built = ensure_cache(recipe, model, say, progress_factory)
     _, held = split(cache, getattr(t_cfg, "samples", 0), t_cfg.heldout)
-    iterations = getattr(t_cfg, "iterations", s_cfg.nfe)
+    iterations = getattr(t_cfg, "iterations", s_cfg.nfe) * getattr(t_cfg, "restarts", 1)
     with progress_factory(iterations, f"distill {method.name}") as bar:
         artifact = method.fit(cache, model, s_cfg, t_cfg, progress=bar)
     solver = method.load(artifact, model)

@@ -55,6 +55,8 @@ class DLMSStudent:
 class DLMSTrain:
     lr: float = field(default=5e-3, metadata={"min": 0.0})
     lr_decay: str = field(default="none", metadata={"choices": ("cosine", "none")})
+    clip: float = field(default=0.0, metadata={"min": 0.0})   # gradient-norm clipping; 0 = off
+    restarts: int = field(default=1, metadata={"min": 1})     # independent runs; the best by validation is kept
     batch: int = field(default=64, metadata={"min": 1})
     iterations: int = field(default=300, metadata={"min": 0})
     samples: int = field(default=0, metadata={"min": 0})      # 0: every cached trajectory not held out
@@ -181,7 +183,7 @@ class DLMS(nn.Module):
         else:
             logit = self.time_offset[step].to(dt) + (raw[:, p - 1] if self.cfg.learn_grid else 0.0)
             f = torch.sigmoid(logit)
-            t_next = torch.exp(torch.log(t) + f * (torch.log(t_min) - torch.log(t)))
+            t_next = torch.exp(torch.log(t) + f * (torch.log(t_min) - torch.log(t))).clamp(min=float(t_min))
         if self.cfg.time_scaling:
             k_next = 1 + self.cfg.scale_range * (2 * torch.sigmoid(raw[:, p]) - 1)
         else:
@@ -240,6 +242,8 @@ def _loss_fn(cache, idx, s: DLMSStudent, t: DLMSTrain, steps: int, device):
     def step_loss(n, sigma, x):
         if weights[n] == 0:
             return None
+        if not bool(torch.isfinite(sigma).all()):
+            return x.sum() * float("nan")  # the NaN guard skips this step
         # Differentiable in sigma: the target moves with a learned time.
         target = cache.states_at(idx, sigma[:, None].double(), dtype=x.dtype, device=x.device)[:, 0]
         return weights[n] * (x - target).pow(2).mean()
@@ -247,18 +251,20 @@ def _loss_fn(cache, idx, s: DLMSStudent, t: DLMSTrain, steps: int, device):
     return step_loss
 
 
-def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
-    start = time.time()
-    if s.order > 4 and s.init == "plms":
-        raise BadInput(f"student.order: plms init has coefficients up to order 4, got {s.order}")
-    student = DLMS(s, initial_grid(s, model.sigma_min, model.sigma_max)).to(device=model.device, dtype=model.dtype)
-    train_idx, _ = split(cache, t.samples, t.heldout)
-    if t.validation >= len(train_idx):
-        raise BadInput(f"train.validation: {t.validation} leaves no training trajectories out of {len(train_idx)}")
-    # Model selection uses its own validation trajectories, never the held-out ones the metrics report.
-    train_idx, val_idx = train_idx[:-t.validation], train_idx[-t.validation:]
-    rng = np.random.default_rng(t.seed)
-    torch.manual_seed(t.seed)
+@dataclass
+class Run:
+    """One training run: the best state by validation RMSE and how it got there."""
+    best: float
+    state: dict
+    history: list
+    skipped: int
+    iterations: int
+
+
+def train_once(student: DLMS, model, cache, train_idx, val_idx, s: DLMSStudent, t: DLMSTrain, seed: int,
+               progress=None) -> Run:
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
     opt = torch.optim.Adam(student.designer.parameters(), lr=t.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(t.iterations, 1)) if t.lr_decay == "cosine" else None
     target_end = endpoints(cache, val_idx)
@@ -270,7 +276,7 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
         return (out - target_end).pow(2).mean().sqrt().item()
 
     history = [(0, evaluate())]
-    best, best_state, stale, skipped = history[0][1], copy.deepcopy(student.state_dict()), 0, 0
+    best, best_state, stale, skipped, it = history[0][1], copy.deepcopy(student.state_dict()), 0, 0, 0
     for it in range(1, t.iterations + 1):
         idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
         opt.zero_grad(set_to_none=True)
@@ -281,6 +287,8 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
         if not math.isfinite(loss) or any(not torch.isfinite(g).all() for g in grads):
             skipped += 1  # NaN guard: skip the step, count it, report it
         else:
+            if t.clip:
+                torch.nn.utils.clip_grad_norm_(student.designer.parameters(), t.clip)
             opt.step()
         if sched:
             sched.step()
@@ -295,15 +303,36 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
                 break
         if progress:
             progress(1, info=f"loss {loss:.3e}  validation rmse {history[-1][1]:.4f}")
-    student.load_state_dict(best_state)
+    return Run(best, best_state, history, skipped, it)
+
+
+def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
+    start = time.time()
+    if s.order > 4 and s.init == "plms":
+        raise BadInput(f"student.order: plms init has coefficients up to order 4, got {s.order}")
+    grid = initial_grid(s, model.sigma_min, model.sigma_max)
+    train_idx, _ = split(cache, t.samples, t.heldout)
+    if t.validation >= len(train_idx):
+        raise BadInput(f"train.validation: {t.validation} leaves no training trajectories out of {len(train_idx)}")
+    # Model selection uses its own validation trajectories, never the held-out ones the metrics report.
+    train_idx, val_idx = train_idx[:-t.validation], train_idx[-t.validation:]
+    # Training on a few trajectories is high-variance: independent restarts, the best by validation is kept.
+    runs = []
+    for r in range(t.restarts):
+        student = DLMS(s, grid).to(device=model.device, dtype=model.dtype)
+        runs.append(train_once(student, model, cache, train_idx, val_idx, s, t, t.seed + r, progress))
+    best = min(runs, key=lambda run: run.best)
+    student.load_state_dict(best.state)
     arrays = {f"designer.{k}": v.detach().cpu().double().numpy() for k, v in student.designer.state_dict().items()}
     arrays["init_grid"] = student.init_grid.cpu().numpy()
     meta = new_meta("dlms", base_solver=f"dlms[{s.init}]", nfe=s.nfe, network_passes=s.nfe * model.passes_per_call,
                     afs=s.afs, grid=student.init_grid.tolist(), student=asdict(s), model=model.spec,
                     model_fingerprint=model.fingerprint,
-                    training={"seconds": time.time() - start, "iterations": it if t.iterations else 0,
-                              "samples": len(train_idx), "skipped_steps": skipped, "validation": len(val_idx),
-                              "validation_rmse_history": history, "train": asdict(t)})
+                    training={"seconds": time.time() - start, "iterations": sum(r.iterations for r in runs),
+                              "restarts": t.restarts, "validation_rmse_by_restart": [r.best for r in runs],
+                              "samples": len(train_idx), "skipped_steps": sum(r.skipped for r in runs),
+                              "validation": len(val_idx), "validation_rmse_history": best.history,
+                              "train": asdict(t)})
     return Artifact(meta, arrays)
 
 
