@@ -33,7 +33,7 @@ demo: install
 	@echo "sample grid: out/demo/grid.png"
 
 bench: install
-	$(PYTHON) benchmarks/teacher_overhead.py
+	$(PYTHON) -m solverdistill bench
 
 clean:
 	rm -rf out .pytest_cache

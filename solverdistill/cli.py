@@ -282,6 +282,25 @@ def compare(
               highlight=False, soft_wrap=True)
 
 
+@command
+def bench(
+    recipe: Path = typer.Option(Path("recipes/quickstart.yaml"), "--recipe", help="Built-in model and teacher cache."),
+    num: int = typer.Option(256, "--num", help="Held-out seeds for the quality table."),
+    out_dir: Path = typer.Option(Path("out/bench"), "--out", help="Where report.md and report.json go."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (larger batches on CUDA)."),
+    inception: Optional[str] = typer.Option(None, "--inception", help="Inception weights for the FID throughput."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer NFEs and repeats."),
+):
+    """The reference benchmark: quality, acceleration, distillation cost, overheads; writes out/bench/report.*."""
+    from .bench import run_bench, write_report, render
+    from .sampling import resolve_device
+    report = run_bench(str(recipe), num, resolve_device(device), inception, quick,
+                       say=lambda m: err.print(m, highlight=False))
+    md, js = write_report(report, out_dir)
+    print(render(report))
+    out.print(f"wrote {md} and {js}", highlight=False)
+
+
 cache_app = typer.Typer(help="Inspect teacher caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 

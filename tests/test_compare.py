@@ -71,3 +71,22 @@ def test_compare_bad_input(tmp_path, args, message):
         base[k] = v
     r = cli("compare", *[x for kv in base.items() for x in kv], "--quiet")
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_bench_pieces_measure_side_by_side():
+    import torch
+    from solverdistill.bench import render, sampling_overhead, teacher_overhead
+    from solverdistill.models import resolve
+    from solverdistill.sampling import plan
+    m = resolve("gmm:tiny")
+    r = sampling_overhead(m, plan("dpm++", 5, m.sigma_min, m.sigma_max), 5, batch=8, batches=2, repeats=2)
+    assert r["full_s"] > 0 and r["bare_s"] > 0 and r["ratio"] > 0
+    t = teacher_overhead("gmm:tiny", num=8, steps=8, repeats=1)
+    assert t["ratio"] > 0 and set(t["median_s"]) == {"write", "no_write"}
+    report = {"version": "x", "model": "gmm:tiny", "machine": {"platform": "p", "cpus": 2, "torch": torch.__version__,
+              "threads": 1, "device": "cpu"}, "settings": {"heldout_seeds": 4, "teacher": "t"},
+              "quality": {"handcrafted": {"euler": {3: 0.5}}, "best_by_nfe": {3: 0.5}, "students": []},
+              "sampling_overhead_nfe5": {"batch": 8, "by_solver": {"dpm++3m": r}},
+              "teacher_write_overhead": t, "fid_feature_throughput": {"skipped": "no weights"}}
+    text = render(report)
+    assert "| euler | 0.5000 |" in text and "Teacher cache write overhead" in text
