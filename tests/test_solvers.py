@@ -8,7 +8,7 @@ from solverdistill import grids, solvers
 from solverdistill.errors import BadInput
 from solverdistill.reference import rk4_logsigma
 from solverdistill.sampling import CountingDenoiser, plan
-from solverdistill.solvers.multistep import deis_table, euler_table, sample_multistep
+from solverdistill.solvers.multistep import deis_table, dpmpp_table, euler_table, sample_multistep
 
 from conftest import noise
 
@@ -72,7 +72,7 @@ def test_exact_third_order_taylor_coefficient_gives_slope_three(tiny64, referenc
     errs = []
     for n in (64, 128, 256):
         sig = grids.logsnr(n, 0.002, 80.0)
-        t = solvers.get("dpm++3m").make_table(sig, lower_order_final=False)
+        t = dpmpp_table(sig, 3, lower_order_final=False)
         lam = -np.log(sig.numpy())
         for i in range(2, n):
             h = lam[i + 1] - lam[i]

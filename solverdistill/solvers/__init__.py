@@ -7,8 +7,10 @@ integrates from sigmas[0] to sigmas[-1] (algorithms.md section 3).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable
+
+import torch
 
 from ..errors import BadInput
 from .multistep import (Table, deis_table, dpmpp_table, euler_table, ipndm_table, sample_multistep,
@@ -35,7 +37,9 @@ class SolverInfo:
         return self.run(model, x, sigmas, cond=cond, afs=afs, callback=callback)
 
     def make_table(self, sigmas, **options) -> Table:
-        return self.table(sigmas, **{k: v for k, v in options.items() if k in self.options})
+        """Coefficients depend only on the grid: built once per grid and options, not per batch."""
+        kept = tuple(sorted((k, v) for k, v in options.items() if k in self.options))
+        return _cached_table(self.name, tuple(float(s) for s in sigmas), kept)
 
     def steps_for(self, nfe: int, afs: bool) -> int:
         """Grid intervals for a budget of `nfe` real denoiser calls (AFS saves the first call)."""
@@ -47,6 +51,15 @@ class SolverInfo:
             raise BadInput(f"--nfe: {self.name} makes {self.calls_per_step} calls per step, so NFE {nfe} "
                            f"{'with' if afs else 'without'} AFS is impossible; {hint}")
         return calls // self.calls_per_step
+
+
+@lru_cache(maxsize=256)
+def _cached_table(name: str, sigmas: tuple, options: tuple) -> Table:
+    table = SOLVERS[name].table(torch.tensor(sigmas, dtype=torch.float64), **dict(options))
+    for arr in (table.a, table.b, table.c, table.corrector):
+        if arr is not None:
+            arr.flags.writeable = False  # shared by every batch on this grid
+    return table
 
 
 SOLVERS: dict[str, SolverInfo] = {}

@@ -37,11 +37,11 @@ class Table:
         return cls(np.zeros(n), np.zeros((n, p)), np.zeros((n, p)), np.zeros((n, p + 1)) if corrector else None)
 
 
-def _combine(weights, history):
-    out = None
+def _combine(weights, history, out=None):
+    """out (+)= sum_j w_j h_j, accumulated in place: one allocation at most (this runs every step)."""
     for w, h in zip(weights, history):
         if w != 0.0:
-            out = w * h if out is None else out + w * h
+            out = w * h if out is None else out.add_(h, alpha=w)
     return out
 
 
@@ -60,14 +60,10 @@ def sample_multistep(model, x, sigmas, table: Table, *, cond=None, afs=False, ca
         if uses_d:
             hist_d = [(x - denoised) / s[i]] + hist_d[: p - 1]
         if e is not None and i > 0 and any(e[i]):
-            x = a[i - 1] * x_prev + _combine(e[i], hist_D)
+            x = _combine(e[i], hist_D, a[i - 1] * x_prev)
         report(callback, i, s[i], s[i + 1], x, denoised)
         x_prev = x
-        update = a[i] * x
-        for term in (_combine(b[i], hist_D), _combine(c[i], hist_d)):
-            if term is not None:
-                update = update + term
-        x = update
+        x = _combine(c[i], hist_d, _combine(b[i], hist_D, a[i] * x))
     return x
 
 
