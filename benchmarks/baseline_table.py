@@ -4,7 +4,6 @@ RK4 reference, on held-out seeds. Usage: python benchmarks/baseline_table.py [MO
 import sys
 import time
 
-import torch
 
 from solverdistill import solvers
 from solverdistill.errors import BadInput

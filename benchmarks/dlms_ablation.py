@@ -35,7 +35,7 @@ cache = TeacherCache.open(recipe.cache_dir())
 model = resolve(recipe.model.spec, dtype=resolve_dtype(recipe.teacher.compute_dtype))
 s0, t0 = students.configs(method, {**recipe.student, "method": "dlms", "nfe": nfe}, recipe.train)
 s_keys, t_keys = {f.name for f in fields(s0)}, {f.name for f in fields(t0)}
-print(f"| variant | held-out RMSE | initial RMSE | seconds |\n|---|---|---|---|")
+print("| variant | held-out RMSE | initial RMSE | seconds |\n|---|---|---|---|")
 for name in chosen:
     if name in VARIANTS:
         typed = VARIANTS[name]

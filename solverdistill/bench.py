@@ -27,7 +27,6 @@ from . import __version__, artifacts, students
 from .evaluate import acceleration_ratio
 from .sampling import generate, initial_noise, plan
 from .solvers import SOLVERS
-from .solvers.common import call
 
 
 def machine(device) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -247,7 +247,7 @@ def compare(
     metrics = parse_list(metric, "--metric")
     rec = load_recipe(recipe) if recipe else None
     folders = [Path(p) for p in parse_list(artifacts_dir, "--artifacts")] if artifacts_dir else [Path("out"), Path("solvers")]
-    start = __import__("time").time()
+    start = time.time()
     comp = run_compare(names, nfes, recipe=rec, model_spec=model, num=num, seed=seed, metrics=metrics,
                        folders=folders, say=lambda m: err.print(m, highlight=False),
                        progress_factory=lambda total, label: progress_bar(quiet, total, label), inception=inception)
@@ -278,7 +278,7 @@ def compare(
     written = write_outputs(comp, json_out, csv_out, plot_out, grid_out)
     out.print(f"{comp.samples} seeds; reference: {comp.reference}", highlight=False, soft_wrap=True)
     out.print(f"* best per column; NFE = denoiser calls, (Np) = network passes where they differ. "
-              f"{__import__('time').time() - start:.1f}s" + (f"; wrote {', '.join(map(str, written))}" if written else ""),
+              f"{time.time() - start:.1f}s" + (f"; wrote {', '.join(map(str, written))}" if written else ""),
               highlight=False, soft_wrap=True)
 
 

@@ -5,7 +5,6 @@ Seeds are per sample: sample `seed` always starts from the same noise, whatever 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 

@@ -1,11 +1,10 @@
-import math
 
 import pytest
 import torch
 
 from solverdistill.errors import BadInput
 from solverdistill.models import resolve
-from solverdistill.models.gmm import GaussianMixture, GMMParams, parse_params
+from solverdistill.models.gmm import GaussianMixture, parse_params
 
 
 def dense_denoiser(m: GaussianMixture, x, sigma):

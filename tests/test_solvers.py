@@ -35,7 +35,6 @@ def test_reference_is_far_more_accurate_than_what_it_measures(tiny64, reference)
 
 
 def slope(model, x0, ref, name, **options):
-    info = solvers.get(name)
     errs = []
     for nfe in NFES:
         p = plan(name, nfe, model.sigma_min, model.sigma_max, **options)

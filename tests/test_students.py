@@ -1,5 +1,4 @@
 import json
-import pickle
 import math
 
 import numpy as np

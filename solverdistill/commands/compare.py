@@ -10,12 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import artifacts, students
 from ..errors import BadInput
@@ -131,7 +129,6 @@ def run_compare(names: list[str], nfes: list[int], *, recipe=None, model_spec=No
     comp = Comparison()
     if recipe is not None:
         from ..sampling import resolve_dtype
-        from ..teacher import TeacherCache
         from .distill import ensure_cache
         model = resolve(recipe.model.spec, dtype=resolve_dtype(recipe.teacher.compute_dtype))
         cache, _ = ensure_cache(recipe, model, say, progress_factory)

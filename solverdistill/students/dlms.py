@@ -30,7 +30,7 @@ from ..errors import BadInput
 from ..solvers.common import afs_denoised
 from ..solvers.multistep import dpmpp_table
 from . import Method, register
-from .common import endpoints, handcrafted_baselines, split, start_states
+from .common import endpoints, split, start_states
 
 PLMS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 FEATURES = 64

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -21,7 +21,7 @@ from ..errors import BadInput
 from ..grids import make_grid
 from ..models import resolve
 from ..recipes import Recipe
-from ..sampling import initial_noise, plan, resolve_device, resolve_dtype
+from ..sampling import initial_noise, resolve_device, resolve_dtype
 from ..solvers import get as get_solver
 from ..solvers.common import call
 from .cache import (FORMAT, FORMAT_VERSION, ShardWriter, check_shard_files, read_manifest, spec_differences,
