@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import BadInput, RunFailed
@@ -17,7 +18,7 @@ from .errors import BadInput, RunFailed
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill and compare fast few-step solvers for diffusion models.")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, markup=False)  # messages hold user text ([...] is not markup)
 
 
 def handled(fn):
@@ -28,10 +29,10 @@ def handled(fn):
         try:
             return fn(*args, **kwargs)
         except BadInput as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            err.print(Text("error: ", style="bold red") + Text(str(e)), highlight=False)
             raise typer.Exit(2)
         except RunFailed as e:
-            err.print(f"[bold red]failed:[/] {e}", highlight=False)
+            err.print(Text("failed: ", style="bold red") + Text(str(e)), highlight=False)
             raise typer.Exit(1)
 
     return wrapper
@@ -87,7 +88,7 @@ def sample(
                         lower_order_final=lower_order_final, num=num, seed=seed, batch=batch, out_dir=out_dir,
                         device=device, dtype=dtype, png=png, force=force,
                         progress=progress_bar(quiet, num, "sampling"))
-    out.print(result, highlight=False, soft_wrap=True)
+    out.print(result, highlight=False, markup=False, soft_wrap=True)
 
 
 @command
@@ -139,7 +140,7 @@ def teacher(
     with progress_bar(quiet, r.teacher.num_samples, "teacher") as bar:
         rep = run_teacher(r, overwrite=overwrite, progress=bar)
     out.print(f"{rep.root}: {rep.total} samples ({rep.generated} integrated now, {rep.reused} already cached), "
-              f"{rep.nfe_per_sample} NFE per sample, {rep.seconds:.1f}s", highlight=False, soft_wrap=True)
+              f"{rep.nfe_per_sample} NFE per sample, {rep.seconds:.1f}s", highlight=False, markup=False, soft_wrap=True)
 
 
 @command
@@ -165,7 +166,7 @@ def distill(
         table.add_row(name, f"{value:.4f}")
     out.print(table)
     out.print(f"wrote {rep.path} ({rep.seconds:.1f}s{', teacher built first' if rep.teacher_built else ''})",
-              highlight=False, soft_wrap=True)
+              highlight=False, markup=False, soft_wrap=True)
 
 
 @command
@@ -207,7 +208,7 @@ def fid(
         if out_path is None:
             raise BadInput("--out: required with --make-ref (the statistics .npz to write)")
         path, n = write_ref(make_ref, str(out_path), features, mode, batch, dev, inception)
-        out.print(f"wrote {path} ({n} images, {features} features)", highlight=False, soft_wrap=True)
+        out.print(f"wrote {path} ({n} images, {features} features)", highlight=False, markup=False, soft_wrap=True)
         return
     if samples is None or ref is None:
         raise BadInput("give SAMPLES and --ref (or --make-ref IMAGES --out ref.npz)")
@@ -276,10 +277,10 @@ def compare(
     for note in comp.notes:
         err.print(note, highlight=False)
     written = write_outputs(comp, json_out, csv_out, plot_out, grid_out)
-    out.print(f"{comp.samples} seeds; reference: {comp.reference}", highlight=False, soft_wrap=True)
+    out.print(f"{comp.samples} seeds; reference: {comp.reference}", highlight=False, markup=False, soft_wrap=True)
     out.print(f"* best per column; NFE = denoiser calls, (Np) = network passes where they differ. "
               f"{time.time() - start:.1f}s" + (f"; wrote {', '.join(map(str, written))}" if written else ""),
-              highlight=False, soft_wrap=True)
+              highlight=False, markup=False, soft_wrap=True)
 
 
 @command
@@ -298,7 +299,7 @@ def bench(
                        say=lambda m: err.print(m, highlight=False))
     md, js = write_report(report, out_dir)
     print(render(report))
-    out.print(f"wrote {md} and {js}", highlight=False)
+    out.print(f"wrote {md} and {js}", highlight=False, markup=False)
 
 
 cache_app = typer.Typer(help="Inspect teacher caches.", no_args_is_help=True)
