@@ -50,8 +50,12 @@ def _version(value: bool):
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")):
-    pass
+                                       help="Print the version and exit."),
+          trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Load EDM pickles (which run code) "
+                                            "without an allow-list entry, for this run.")):
+    if trust_pickle:
+        import os
+        os.environ["SDISTILL_TRUST_PICKLE"] = "1"
 
 
 def progress_bar(quiet: bool, total: int, label: str):

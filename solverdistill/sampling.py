@@ -105,6 +105,7 @@ def generate(model, solve: Callable, seeds: list[int], batch: int = 64, sigma_ma
     if batch < 1:
         raise BadInput(f"--batch: must be >= 1, got {batch}")
     counter = CountingDenoiser(model)
+    cond_for = cond_for or getattr(model, "draw_cond", None)  # e.g. class labels drawn per seed
     sigma_max = float(sigma_max if sigma_max is not None else model.sigma_max)
     xs, zs = [], []
     calls_per_sample = None

@@ -38,6 +38,13 @@ def _python(body, spec):
     return python_factory.load(body, spec)
 
 
+def _edm(body, spec):
+    from . import edm
+    return edm.load(body, spec)
+
+
+register_backend("edm", _edm, "EDM checkpoint (.pkl with an 'ema' network); loads only vouched-for files",
+                 ("edm:/models/edm-cifar10-32x32-uncond-vp.pkl",))
 register_backend("gmm", _gmm, "analytic Gaussian mixture with an exact denoiser",
                  ("gmm:tiny", "gmm:ring2d", "gmm:cifar", "gmm:shape=3x16x16,components=6,rank=8,seed=3"))
 register_backend("python", _python, "your own factory returning D(x, sigma, cond) with sigma_min, sigma_max, shape",
