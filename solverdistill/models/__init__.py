@@ -45,6 +45,13 @@ def _edm(body, spec):
 
 register_backend("edm", _edm, "EDM checkpoint (.pkl with an 'ema' network); loads only vouched-for files",
                  ("edm:/models/edm-cifar10-32x32-uncond-vp.pkl",))
+def _diffusers(body, spec):
+    from . import diffusers_models
+    return diffusers_models.load(body, spec)
+
+
+register_backend("diffusers", _diffusers, "diffusers folder (pixel UNet2DModel with its DDPM scheduler config)",
+                 ("diffusers:/models/ddpm-cifar10-32",))
 register_backend("gmm", _gmm, "analytic Gaussian mixture with an exact denoiser",
                  ("gmm:tiny", "gmm:ring2d", "gmm:cifar", "gmm:shape=3x16x16,components=6,rank=8,seed=3"))
 register_backend("python", _python, "your own factory returning D(x, sigma, cond) with sigma_min, sigma_max, shape",
