@@ -240,3 +240,39 @@ def test_shipped_recipes_are_valid(monkeypatch):
     for path in paths:
         rec = load_recipe(path)
         students.configs(students.get(rec.student["method"]), rec.student, rec.train)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_low_orders_with_dpmpp_init(tiny64, order):
+    cfg = DLMSStudent(nfe=4, order=order, init="dpm++")
+    student = DLMS(cfg, initial_grid(cfg, 0.002, 80.0)).double()
+    assert torch.allclose(student.init_coefs.sum(1), torch.ones(5, dtype=torch.float64))
+    with torch.no_grad():
+        assert torch.isfinite(student.solve(tiny64, noise(tiny64, 2))).all()
+
+
+def test_afs_step_never_reads_a_stale_bottleneck(tiny64):
+    class Hooked:
+        """A model whose bottleneck hook is set on each call, like the EDM backend's."""
+        sigma_min, sigma_max, shape = 0.002, 80.0, tiny64.shape
+        last_features = None
+
+        def __call__(self, x, sigma, cond=None):
+            self.last_features = torch.randn(x.shape[0], 64, dtype=x.dtype)
+            return tiny64(x, sigma)
+
+    cfg = DLMSStudent(nfe=3, afs=True, features="bottleneck")
+    student = DLMS(cfg, initial_grid(cfg, 0.002, 80.0)).double()
+    m = Hooked()
+    with torch.no_grad():
+        student.solve(m, noise(tiny64, 4))
+        student.solve(m, noise(tiny64, 3))  # a smaller batch after a bigger one
+
+
+def test_endpoint_loss_needs_a_final_weight(tiny_recipe):
+    method = students.get("dlms")
+    s, t = students.configs(method, {"method": "dlms", "nfe": 3}, {"loss": "endpoint", "final_weight": 0.0,
+                                                                     "heldout": 32, "iterations": 1})
+    from solverdistill.errors import BadInput
+    with pytest.raises(BadInput, match="final_weight"):
+        method.fit(TeacherCache.open(tiny_recipe.cache_dir()), resolve("gmm:tiny", dtype=torch.float64), s, t)

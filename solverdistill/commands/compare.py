@@ -120,6 +120,9 @@ def run_compare(names: list[str], nfes: list[int], *, recipe=None, model_spec=No
         if name.endswith((".npz", ".yaml", ".yml")):
             if not Path(name).is_file():
                 raise BadInput(f"--solvers: no such artifact {name!r}")
+        elif base in METHODS and name.endswith("+afs"):
+            raise BadInput(f"--solvers: {name!r}: +afs applies to handcrafted solvers; a student's AFS is set "
+                           "when it is distilled (student.afs)")
         elif base not in METHODS:
             try:
                 get_solver(base)
@@ -132,7 +135,7 @@ def run_compare(names: list[str], nfes: list[int], *, recipe=None, model_spec=No
         from .distill import ensure_cache
         model = resolve(recipe.model.spec, dtype=resolve_dtype(recipe.teacher.compute_dtype))
         cache, _ = ensure_cache(recipe, model, say, progress_factory)
-        heldout = int(recipe.train.get("heldout", 256))
+        heldout = min(int(recipe.train.get("heldout", 256)), cache.num_samples)
         if num > heldout:
             comp.notes.append(f"--num {num} capped at the recipe's {heldout} held-out trajectories")
             num = heldout

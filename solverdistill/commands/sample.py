@@ -23,6 +23,8 @@ def load_solver(solver, model_spec, nfe, schedule, afs, lower_order_final, devic
     """(denoiser, solver, meta about the solver) for a handcrafted name or an artifact path."""
     if is_artifact(solver):
         art = artifacts.load(solver)
+        if schedule is not None:
+            raise BadInput(f"--schedule: {solver} brings its own grid; drop --schedule")
         if nfe is not None and nfe != int(art.meta["nfe"]):
             raise BadInput(f"--nfe: {solver} was distilled for NFE {art.meta['nfe']}, not {nfe}; drop --nfe")
         spec = model_spec or art.meta.get("model")

@@ -81,7 +81,7 @@ def initial_coefficients(grid: torch.Tensor, order: int, init: str, afs: bool) -
             a[i, :len(row)] = torch.tensor(row)
     else:
         # dpm++3m's update is x' = (t'/t) x + sum_j b_j D_j with sum_j b_j = 1 - t'/t: divide to get weights.
-        b = torch.as_tensor(dpmpp_table(grid, min(3, order), lower_order_final=True).b)
+        b = torch.as_tensor(dpmpp_table(grid, min(3, order), lower_order_final=True).b)[:, :order]
         a[:, :b.shape[1]] = b / (1 - grid[1:] / grid[:-1])[:, None]
     return a
 
@@ -162,8 +162,10 @@ class DLMS(nn.Module):
     def afs(self) -> bool:
         return self.cfg.afs
 
-    def features(self, model, denoised):
-        if self.cfg.features in ("auto", "bottleneck"):
+    def features(self, model, denoised, called: bool = True):
+        """Designer input. `called` is False on the AFS step: no network ran, so a backend's bottleneck hook
+        would hold another batch's activations; the pooled AFS estimate is used there."""
+        if called and self.cfg.features in ("auto", "bottleneck"):
             hook = getattr(model, "last_features", None)
             if hook is not None:
                 return hook.detach().flatten(1)[:, :FEATURES].to(denoised.dtype)
@@ -204,7 +206,7 @@ class DLMS(nn.Module):
             else:
                 den = model(x, k * t, cond)
             hist = [den] + hist[:self.order - 1]
-            raw = self.designer(self.features(model, den).to(dt), t, n)
+            raw = self.designer(self.features(model, den, called=not (n == 0 and self.cfg.afs)).to(dt), t, n)
             coefs, t_next, k_next = self.rule(raw, t, n)
             d_hat = sum(coefs[:, j].view(view) * h for j, h in enumerate(hist))
             ratio = (t_next / t).view(view)
@@ -237,6 +239,8 @@ def _loss_fn(cache, idx, s: DLMSStudent, t: DLMSTrain, steps: int, device):
         weights[:] = 1.0
     if t.loss in ("endpoint", "both"):
         weights[-1] += t.final_weight
+    if weights.sum() == 0:
+        raise BadInput("train.final_weight: must be > 0 with train.loss: endpoint (nothing would be trained)")
     weights /= weights.sum()
 
     def step_loss(n, sigma, x):

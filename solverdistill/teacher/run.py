@@ -146,8 +146,9 @@ def run_teacher(recipe: Recipe, overwrite: bool = False, progress=None, write: b
             manifest["shards"].sort(key=lambda s: s["start"])
             write_json_atomic(root / "manifest.json", manifest)
 
-    generated, start_time, nfe = 0, time.time(), 0
+    generated, start_time = 0, time.time()
     writer = BackgroundWriter() if write else None
+    shard = None
     try:
         for name, start, count in todo:
             shard = ShardWriter(root, name, start, count, t.steps, model.shape, store, spec["grid"]) if write else None
@@ -163,6 +164,17 @@ def run_teacher(recipe: Recipe, overwrite: bool = False, progress=None, write: b
                     progress(len(seeds))
             if writer:
                 writer.submit(lambda s=shard: commit(s.finish()))
+                shard = None
+    except BaseException:
+        if writer:
+            try:
+                writer.close()  # let queued writes of earlier shards land; their commits are already queued
+            except BaseException:
+                pass  # the first error is the one to report
+            writer = None
+        if shard is not None:
+            shard.abort()
+        raise
     finally:
         if writer:
             writer.close()
