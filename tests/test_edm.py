@@ -119,3 +119,31 @@ def test_class_conditional_labels_per_seed(tmp_path, monkeypatch):
 def test_missing_file_message(tmp_path):
     with pytest.raises(BadInput, match="no such file"):
         resolve(f"edm:{tmp_path / 'nope.pkl'}")
+
+
+@pytest.mark.parametrize("label_dim", [0, 4])
+def test_teacher_dode_sample_end_to_end(tmp_path, monkeypatch, label_dim):
+    import numpy as np
+    write_edm_pickle(tmp_path / "n.pkl", label_dim=label_dim)
+    monkeypatch.setenv("SDISTILL_TRUSTED", str(tmp_path / "t.txt"))
+    (tmp_path / "t.txt").write_text(sha256_of(tmp_path / "n.pkl") + "\n")
+    (tmp_path / "r.yaml").write_text(f"""name: e
+model: {{spec: "edm:{tmp_path / 'n.pkl'}"}}
+teacher: {{steps: 10, num_samples: 12, batch: 5, shard_size: 6, cache: '{tmp_path / "cache"}'}}
+student: {{method: dode, nfe: 3, base: euler}}
+train: {{samples: 6, heldout: 4}}
+output: '{tmp_path / "dode.yaml"}'
+""")
+    for args in (["teacher", tmp_path / "r.yaml", "--quiet"], ["distill", tmp_path / "r.yaml", "--quiet"],
+                 ["sample", "--solver", tmp_path / "dode.yaml", "--num", 3, "--out", tmp_path / "s", "--quiet"]):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+    from solverdistill.teacher import TeacherCache
+    cache = TeacherCache.open(tmp_path / "cache")
+    if label_dim:
+        d = resolve(f"edm:{tmp_path / 'n.pkl'}")
+        assert torch.equal(cache.cond(np.arange(12)), d.draw_cond(range(12)))
+    else:
+        assert cache.cond(np.arange(3)) is None
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert f["x"].shape == (3, 3, 8, 8) and np.isfinite(f["x"]).all()

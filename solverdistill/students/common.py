@@ -24,10 +24,11 @@ def split(cache, samples: int, heldout: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(samples), np.arange(n - heldout, n)
 
 
-def start_states(cache, idx, model) -> torch.Tensor:
-    """sigma_max * z for the cached seeds, on the model's device and dtype."""
+def start(cache, idx, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sigma_max * z for the cached seeds (on the model's device and dtype) and their conditioning."""
     z = torch.from_numpy(cache.get("noise", idx)).to(device=model.device, dtype=model.dtype)
-    return z * float(cache.sigmas[0])
+    cond = cache.cond(idx)
+    return z * float(cache.sigmas[0]), None if cond is None else cond.to(model.device)
 
 
 def endpoints(cache, idx) -> torch.Tensor:
@@ -41,7 +42,7 @@ def heldout_rmse(solver, model, cache, idx, batch: int = 256) -> float:
     with torch.no_grad():
         for b in range(0, len(idx), batch):
             part = idx[b:b + batch]
-            outs.append(solver.solve(model, start_states(cache, part, model)).double().cpu())
+            outs.append(solver.solve(model, *start(cache, part, model)).double().cpu())
     return rmse(torch.cat(outs), endpoints(cache, idx))
 
 

@@ -30,7 +30,7 @@ from ..errors import BadInput
 from ..solvers.common import afs_denoised
 from ..solvers.multistep import dpmpp_table
 from . import Method, register
-from .common import endpoints, split, start_states
+from .common import endpoints, split, start
 
 PLMS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 FEATURES = 64
@@ -275,7 +275,7 @@ def train_once(student: DLMS, model, cache, train_idx, val_idx, s: DLMSStudent, 
 
     def evaluate():
         with torch.no_grad():
-            out = torch.cat([student.solve(model, start_states(cache, val_idx[i:i + 256], model)).double().cpu()
+            out = torch.cat([student.solve(model, *start(cache, val_idx[i:i + 256], model)).double().cpu()
                              for i in range(0, len(val_idx), 256)])
         return (out - target_end).pow(2).mean().sqrt().item()
 
@@ -284,8 +284,9 @@ def train_once(student: DLMS, model, cache, train_idx, val_idx, s: DLMSStudent, 
     for it in range(1, t.iterations + 1):
         idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
         opt.zero_grad(set_to_none=True)
-        x = start_states(cache, idx, model)
-        student.solve(model, x, step_loss=_loss_fn(cache, idx, s, t, student.steps, model.device), window=t.window)
+        x, cond = start(cache, idx, model)
+        student.solve(model, x, cond, step_loss=_loss_fn(cache, idx, s, t, student.steps, model.device),
+                      window=t.window)
         loss = student.last_loss
         grads = [p.grad for p in student.designer.parameters() if p.grad is not None]
         if not math.isfinite(loss) or any(not torch.isfinite(g).all() for g in grads):
@@ -311,7 +312,7 @@ def train_once(student: DLMS, model, cache, train_idx, val_idx, s: DLMSStudent, 
 
 
 def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
-    start = time.time()
+    began = time.time()
     if s.order > 4 and s.init == "plms":
         raise BadInput(f"student.order: plms init has coefficients up to order 4, got {s.order}")
     grid = initial_grid(s, model.sigma_min, model.sigma_max)
@@ -332,7 +333,7 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
     meta = new_meta("dlms", base_solver=f"dlms[{s.init}]", nfe=s.nfe, network_passes=s.nfe * model.passes_per_call,
                     afs=s.afs, grid=student.init_grid.tolist(), student=asdict(s), model=model.spec,
                     model_fingerprint=model.fingerprint,
-                    training={"seconds": time.time() - start, "iterations": sum(r.iterations for r in runs),
+                    training={"seconds": time.time() - began, "iterations": sum(r.iterations for r in runs),
                               "restarts": t.restarts, "validation_rmse_by_restart": [r.best for r in runs],
                               "samples": len(train_idx), "skipped_steps": sum(r.skipped for r in runs),
                               "validation": len(val_idx), "validation_rmse_history": best.history,

@@ -19,7 +19,7 @@ from .. import sampling
 from ..artifacts import Artifact, new_meta
 from ..solvers import get as get_solver
 from . import Method, register
-from .common import endpoints, split, start_states
+from .common import endpoints, split, start
 
 
 @dataclass
@@ -79,10 +79,10 @@ class DODESolver:
         return {**self.base.describe(), "solver": f"dode[{self.base.info.name}]", "lambdas": self.lams}
 
 
-def landing(base: sampling.Plan, model, x, lams, k):
+def landing(base: sampling.Plan, model, x, lams, k, cond=None):
     """The state the call after call k sees (and its sigma), or the final state at sigma_min."""
     try:
-        out = base.solve(Extrapolated(model, lams, stop_at=k + 1), x)
+        out = base.solve(Extrapolated(model, lams, stop_at=k + 1), x, cond)
         return out, torch.full((x.shape[0],), float(base.sigmas[-1]), dtype=torch.float64)
     except Landed as hit:
         return hit.x, hit.sigma.to(torch.float64)
@@ -92,9 +92,9 @@ def closed_form(base, model, cache, batches, fixed: list[float], k: int) -> floa
     """lam_k = <e, r> / <e, e> over all fitting samples, with lams before k fixed (float64 sums)."""
     er = ee = 0.0
     for idx in batches:
-        x = start_states(cache, idx, model)
-        x0, sig = landing(base, model, x, fixed + [0.0], k)
-        x1, _ = landing(base, model, x, fixed + [1.0], k)
+        x, cond = start(cache, idx, model)
+        x0, sig = landing(base, model, x, fixed + [0.0], k, cond)
+        x1, _ = landing(base, model, x, fixed + [1.0], k, cond)
         target = cache.states_at(idx, sig[:, None].cpu(), dtype=torch.float64)[:, 0]
         e = (x1 - x0).double().cpu()
         r = target - x0.double().cpu()
@@ -104,7 +104,7 @@ def closed_form(base, model, cache, batches, fixed: list[float], k: int) -> floa
 
 
 def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
-    start = time.time()
+    began = time.time()
     base = sampling.plan(s.base, s.nfe, model.sigma_min, model.sigma_max, s.schedule or None, s.afs,
                          lower_order_final=s.lower_order_final)
     train_idx, _ = split(cache, t.samples, t.heldout)
@@ -112,7 +112,7 @@ def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
     final = [endpoints(cache, idx) for idx in batches]
 
     def endpoint_error(lams):
-        return sum(float((base.solve(Extrapolated(model, lams), start_states(cache, idx, model)).double().cpu()
+        return sum(float((base.solve(Extrapolated(model, lams), *start(cache, idx, model)).double().cpu()
                           - f).pow(2).sum()) for idx, f in zip(batches, final))
 
     lams, rejected = [0.0] * s.nfe, 0
@@ -133,7 +133,7 @@ def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
                     afs=s.afs, grid=base.sigmas.tolist(), schedule=s.schedule or base.info.default_schedule,
                     options={"lower_order_final": s.lower_order_final}, model=model.spec,
                     model_fingerprint=model.fingerprint,
-                    training={"seconds": time.time() - start, "samples": len(train_idx),
+                    training={"seconds": time.time() - began, "samples": len(train_idx),
                               "rejected_lambdas": rejected})
     return Artifact(meta, {"lambdas": np.array(lams), "grid": base.sigmas.numpy()})
 

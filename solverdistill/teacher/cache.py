@@ -89,27 +89,33 @@ def crc32_file(path: Path) -> str:
     return f"{crc:08x}"
 
 
-def shard_shapes(n: int, steps: int, shape) -> dict[str, tuple]:
-    return {"seeds": (n,), "noise": (n, *shape), "sigmas": (steps + 1,), "x": (n, steps + 1, *shape),
-            "denoised": (n, steps + 1, *shape)}
+def shard_shapes(n: int, steps: int, shape, cond_shape=None) -> dict[str, tuple]:
+    shapes = {"seeds": (n,), "noise": (n, *shape), "sigmas": (steps + 1,), "x": (n, steps + 1, *shape),
+              "denoised": (n, steps + 1, *shape)}
+    if cond_shape is not None:  # class labels / prompt indices, one row per sample
+        shapes["cond"] = (n, *cond_shape)
+    return shapes
 
 
 class ShardWriter:
     """Writes one shard under a temporary name; `finish` renames it and returns its manifest entry."""
 
-    def __init__(self, root: Path, name: str, start: int, count: int, steps: int, shape, dtype, sigmas):
+    def __init__(self, root: Path, name: str, start: int, count: int, steps: int, shape, dtype, sigmas,
+                 cond_shape=None):
         self.root, self.name, self.start, self.count = root, name, start, count
         self.tmp = root / (name + ".tmp")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        dtypes = {"seeds": np.int64, "noise": np.float32, "sigmas": np.float64, "x": dtype, "denoised": dtype}
+        dtypes = {"seeds": np.int64, "noise": np.float32, "sigmas": np.float64, "x": dtype, "denoised": dtype,
+                  "cond": np.int64}
         self.files = {k: StreamedArray(self.tmp / f"{k}.npy", s, dtypes[k])
-                      for k, s in shard_shapes(count, steps, shape).items()}
+                      for k, s in shard_shapes(count, steps, shape, cond_shape).items()}
         self.files["sigmas"].write(np.asarray(sigmas, dtype=np.float64))
 
-    def append(self, seeds, noise, x, denoised) -> None:
-        for key, rows in (("seeds", seeds), ("noise", noise), ("x", x), ("denoised", denoised)):
-            self.files[key].write(rows)
+    def append(self, seeds, noise, x, denoised, cond=None) -> None:
+        for key, rows in (("seeds", seeds), ("noise", noise), ("x", x), ("denoised", denoised), ("cond", cond)):
+            if key in self.files:
+                self.files[key].write(rows)
 
     def abort(self) -> None:
         """Close the files of a shard that will not be finished (the run failed); the next run redoes it."""
@@ -127,10 +133,10 @@ class ShardWriter:
                 "crc32": sums, "bytes": sizes}
 
 
-def check_shard_files(root: Path, entry: dict, steps: int, shape) -> str | None:
+def check_shard_files(root: Path, entry: dict, steps: int, shape, cond_shape=None) -> str | None:
     """Cheap check before trusting a finished shard: files present, sizes and shapes as recorded."""
     folder = root / entry["name"]
-    for key, want in shard_shapes(entry["count"], steps, shape).items():
+    for key, want in shard_shapes(entry["count"], steps, shape, cond_shape).items():
         path = folder / f"{key}.npy"
         if not path.is_file():
             return f"{path.name} missing"
@@ -153,6 +159,7 @@ class TeacherCache:
         self.sigmas = np.asarray(self.spec["grid"], dtype=np.float64)
         self.steps = len(self.sigmas) - 1
         self.shape = tuple(self.spec["shape"])
+        self.cond_shape = self.spec.get("cond_shape")
         # Serve the contiguous run of good shards from the first seed; a bad shard ends it until regenerated.
         self.shards, n = [], 0
         for s in sorted(manifest["shards"], key=lambda s: s["start"]):
@@ -196,6 +203,10 @@ class TeacherCache:
                 out = np.empty((len(idx), *rows.shape[1:]), dtype=rows.dtype)
             out[sel] = rows
         return out
+
+    def cond(self, indices) -> torch.Tensor | None:
+        """The conditioning of these samples (class labels, prompt indices), or None for unconditional caches."""
+        return None if self.cond_shape is None else torch.from_numpy(self.get("cond", indices))
 
     def get_points(self, key: str, indices, cols) -> np.ndarray:
         """`key` rows at per-sample grid positions: out[b, c] = field[indices[b], cols[b, c]] (reads only those)."""

@@ -34,8 +34,16 @@ def teacher_spec(recipe: Recipe, model) -> dict:
     t = recipe.teacher
     info = get_solver(t.solver)
     grid = make_grid(t.schedule, t.steps, model.sigma_min, model.sigma_max)
+    cond = draw_cond(model, [t.seed])
     return {"model": model.fingerprint, "model_spec": model.spec, "solver": info.name, "schedule": t.schedule,
-            "grid": grid.tolist(), "dtype": t.dtype, "shape": list(model.shape), "seed": t.seed}
+            "grid": grid.tolist(), "dtype": t.dtype, "shape": list(model.shape), "seed": t.seed,
+            "cond_shape": None if cond is None else list(cond.shape[1:])}
+
+
+def draw_cond(model, seeds):
+    """Per-seed conditioning from the backend (class labels, prompt indices), or None."""
+    fn = getattr(model, "draw_cond", None)
+    return fn(seeds) if callable(fn) else None
 
 
 def integrate_batch(model, solver: str, grid: torch.Tensor, z: torch.Tensor, cond=None):
@@ -133,7 +141,7 @@ def run_teacher(recipe: Recipe, overwrite: bool = False, progress=None, write: b
     for leftover in root.glob("shard-*.tmp"):  # a shard in progress when a previous run died
         shutil.rmtree(leftover, ignore_errors=True)
     for shard in manifest["shards"]:
-        if shard["status"] == "ok" and check_shard_files(root, shard, t.steps, model.shape):
+        if shard["status"] == "ok" and check_shard_files(root, shard, t.steps, model.shape, spec["cond_shape"]):
             shard["status"] = "bad"
     todo = plan_shards(manifest, t.num_samples, t.shard_size)
     grid = torch.tensor(spec["grid"], dtype=torch.float64)
@@ -151,12 +159,15 @@ def run_teacher(recipe: Recipe, overwrite: bool = False, progress=None, write: b
     shard = None
     try:
         for name, start, count in todo:
-            shard = ShardWriter(root, name, start, count, t.steps, model.shape, store, spec["grid"]) if write else None
+            shard = (ShardWriter(root, name, start, count, t.steps, model.shape, store, spec["grid"], spec["cond_shape"])
+                     if write else None)
             for b0 in range(start, start + count, t.batch):
                 seeds = list(range(t.seed + b0, t.seed + min(b0 + t.batch, start + count)))
                 z = initial_noise(seeds, model.shape, model.dtype, model.device)
-                x, den = integrate_batch(model, spec["solver"], grid, z)
-                arrays = (np.asarray(seeds), z.cpu().float().numpy(), x.cpu().numpy(), den.cpu().numpy())
+                cond = draw_cond(model, seeds)
+                x, den = integrate_batch(model, spec["solver"], grid, z, cond)
+                arrays = (np.asarray(seeds), z.cpu().float().numpy(), x.cpu().numpy(), den.cpu().numpy(),
+                          None if cond is None else cond.cpu().numpy())
                 if writer:
                     writer.submit(lambda s=shard, a=arrays: s.append(*a))
                 generated += len(seeds)
