@@ -84,10 +84,14 @@ def sample(
     dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
     png: bool = typer.Option(False, "--png", help="Also write one PNG per sample (image models)."),
     force: bool = typer.Option(False, "--force", help="Use an artifact made for another model fingerprint."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (text-conditioned models)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Captions file, one per line; caption i for seed i."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance (default 7.5)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Sample with a handcrafted solver or a distilled artifact; write samples.npz (+ grid.png/scatter.png)."""
-    from .commands.sample import run_sample
+    from .commands.sample import run_sample, with_options
+    model = with_options(model, prompt=prompt, prompts=prompts, guidance=guidance)
     result = run_sample(model=model, solver=solver, nfe=nfe, schedule=schedule, afs=afs,
                         lower_order_final=lower_order_final, num=num, seed=seed, batch=batch, out_dir=out_dir,
                         device=device, dtype=dtype, png=png, force=force,

@@ -95,3 +95,100 @@ def test_missing_folder_and_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInput, match="missing"):
         resolve(f"diffusers:{tmp_path / 'empty'}")
+
+
+def build_sd(root):
+    """A tiny Stable Diffusion folder: UNet2DConditionModel, AutoencoderKL, CLIP text encoder and tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    torch.manual_seed(0)
+    diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(root / "unet")
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=8).save_pretrained(root / "vae")
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                 vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                  ).save_pretrained(root / "text_encoder")
+    (root / "tok").mkdir()
+    (root / "tok" / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2,
+                                                         "cat</w>": 3, "dog</w>": 4, "photo</w>": 5}))
+    (root / "tok" / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt"),
+                  pad_token="<|endoftext|>").save_pretrained(root / "tokenizer")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**SCHED, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                        "unet": [], "vae": [], "text_encoder": [], "tokenizer": []}))
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    build_sd(root)
+    return root
+
+
+def test_guidance_doubles_passes_and_one_is_the_conditional_model(sd_dir, tmp_path):
+    d = resolve(f"diffusers:{sd_dir}?prompt=a photo&guidance=1")
+    assert d.passes_per_call == 1 and d.sigma_min == pytest.approx(0.0292, abs=1e-3)
+    assert d.sigma_max == pytest.approx(14.61, rel=1e-2)
+    x, s = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 3.0])
+    cond = d.draw_cond([0, 1])
+    with torch.no_grad():
+        emb = d.text_encoder(d.tokenizer(["a photo"] * 2, padding="max_length", max_length=77, truncation=True,
+                                         return_tensors="pt").input_ids)[0]
+        eps = d.net(x / torch.sqrt(s[:, None, None, None] ** 2 + 1), d.t_of(s).float(), encoder_hidden_states=emb).sample
+        assert torch.allclose(d(x, s, cond), x - s[:, None, None, None] * eps, atol=1e-5)
+    r = CliRunner().invoke(app, ["sample", "--model", f"diffusers:{sd_dir}", "--prompt", "a cat", "--guidance", "7.5",
+                                 "--solver", "euler", "--nfe", "3", "--num", "2", "--out", str(tmp_path), "--quiet"])
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "samples.npz") as f:
+        meta = json.loads(str(f["meta"][()]))
+        assert meta["nfe"] == 3 and meta["network_passes"] == 6
+        assert f["x"].shape == (2, 4, 8, 8) and f["images"].shape == (2, 3, 16, 16)
+
+
+def test_sd_teacher_stores_prompt_indices(sd_dir, tmp_path):
+    (tmp_path / "caps.txt").write_text("a cat\na dog\na photo\n")
+    (tmp_path / "r.yaml").write_text(f"""name: sd
+model: {{spec: "diffusers:{sd_dir}?prompts={tmp_path / 'caps.txt'}&guidance=2"}}
+teacher: {{steps: 6, num_samples: 8, batch: 4, cache: '{tmp_path / "cache"}'}}
+student: {{method: dode, nfe: 3, base: euler}}
+train: {{samples: 4, heldout: 3}}
+output: '{tmp_path / "dode.yaml"}'
+""")
+    runner = CliRunner()
+    for args in (["teacher", tmp_path / "r.yaml", "--quiet"], ["distill", tmp_path / "r.yaml", "--quiet"],
+                 ["sample", "--solver", tmp_path / "dode.yaml", "--num", 2, "--out", tmp_path / "s", "--quiet"]):
+        r = runner.invoke(app, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+    from solverdistill.teacher import TeacherCache
+    assert TeacherCache.open(tmp_path / "cache").cond(np.arange(8)).tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    r = runner.invoke(app, ["sample", "--model", f"diffusers:{sd_dir}", "--out", str(tmp_path / "x"), "--quiet"])
+    assert r.exit_code == 2 and "--prompt" in r.output
+
+
+def test_latent_vq_decodes_with_scale_one(tmp_path):
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                                 layers_per_block=1, norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    vq = diffusers.VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 16),
+                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                           norm_num_groups=8, num_vq_embeddings=32)
+    unet.save_pretrained(tmp_path / "unet")
+    vq.save_pretrained(tmp_path / "vqvae")
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**SCHED, "beta_schedule": "scaled_linear", "beta_start": 0.0015, "beta_end": 0.0195}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline", "unet": [], "vqvae": []}))
+    d = resolve(f"diffusers:{tmp_path}")
+    assert d.latent_scale == 1.0 and d.sigma_max == pytest.approx(83.8, rel=1e-2)
+    assert d.sigma_min == pytest.approx(0.0388, rel=1e-2)
+    z = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(d.decode(z), vq.decode(z).sample, atol=1e-5)

@@ -42,6 +42,15 @@ def load_solver(solver, model_spec, nfe, schedule, afs, lower_order_final, devic
     return den, p, {"schedule": schedule or p.info.default_schedule}
 
 
+def with_options(spec: str | None, **options) -> str | None:
+    """Append model options given as flags (--prompt, --prompts, --guidance) to a spec's query string."""
+    from urllib.parse import urlencode
+    given = {k: v for k, v in options.items() if v is not None}
+    if spec is None or not given:
+        return spec
+    return spec + ("&" if "?" in spec else "?") + urlencode(given)
+
+
 def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, seed, batch, out_dir: Path,
                device, dtype, png, progress, force=False) -> str:
     if num < 1:
@@ -69,8 +78,14 @@ def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, see
     if grids:
         arrays["grids"] = per_sample_grids(grids, num).numpy()
         meta["per_sample_grid"] = True
+    shown_x = res.x.numpy()
+    if callable(getattr(den, "decode", None)):  # latent models: x and z are latents, images are decoded
+        with torch.no_grad():
+            arrays["images"] = torch.cat([den.decode(part.to(den.device)).float().cpu()
+                                          for part in res.x.split(batch)]).numpy()
+        shown_x = arrays["images"]
     write_npz(out / "samples.npz", meta, **arrays)
-    pictures = save_pictures(res.x.numpy(), out, png_each=png, title=f"{meta['solver']}, NFE {res.nfe}")
+    pictures = save_pictures(shown_x, out, png_each=png, title=f"{meta['solver']}, NFE {res.nfe}")
     shown = ", ".join(str(pth) for pth in [out / "samples.npz", *pictures])
     return (f"{num} samples, {meta['solver']}, NFE {res.nfe} ({res.network_passes} network passes), "
             f"{'AFS, ' if meta.get('afs') else ''}{meta.get('steps', '?')} steps -> {shown}")

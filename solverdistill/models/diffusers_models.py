@@ -1,7 +1,15 @@
 """`diffusers:DIR`: discrete-time VP models saved by diffusers, wrapped into our sigma convention.
 
-DIR is a pipeline folder (`model_index.json`, `unet/`, `scheduler/`, ...) or a model folder (`config.json`, the
-weights and `scheduler_config.json` at its root, like google/ddpm-cifar10-32). Pixel UNet2DModel only for now.
+DIR is a pipeline folder (`model_index.json`, `unet/`, `scheduler/`, and `vae/` or `vqvae/`, `text_encoder/`,
+`tokenizer/` as the pipeline has them) or a model folder (`config.json`, the weights and `scheduler_config.json` at
+its root, like google/ddpm-cifar10-32). Options follow the folder as a query string, so the spec names the whole
+denoiser: `diffusers:DIR?guidance=7.5&prompts=captions.txt`, `?prompt=a photo of a cat`, `?round_timesteps=1`.
+
+- pixel UNet2DModel; latent UNet2DModel + VQModel (decoded with scale 1.0: the VQ-f4 LDMs) or AutoencoderKL
+  (decoded with 1 / scaling_factor); samples hold the latents the solver integrates, `decode` gives images.
+- Stable Diffusion (UNet2DConditionModel + AutoencoderKL + CLIP): prompts as StableDiffusionPipeline encodes them
+  (padded to 77 tokens, no attention mask, last hidden state), caption i for seed i (mod the number of captions),
+  classifier-free guidance with the empty prompt as unconditional; two network passes per call unless guidance 1.
 The VP table comes from the scheduler config (`alphas_cumprod`, sigma_i = sqrt((1 - abar_i) / abar_i)); the
 scheduler's own `timestep_spacing` is not applied: our grids decide the sigmas. With x_vp = x / sqrt(sigma^2 + 1)
 and t(sigma) interpolated linearly in log sigma over the table (fractional t, as diffusers' `_sigma_to_t`):
@@ -17,6 +25,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import numpy as np
 import torch
@@ -72,11 +81,14 @@ class VPDenoiser(Denoiser):
         t = (idx - 1).to(torch.float64) + w
         return t.round() if self.round_timesteps else t
 
+    def _predict(self, x_vp, t, cond):
+        return self.net(x_vp, t).sample
+
     def __call__(self, x, sigma, cond=None):
         s = sigma.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
         x32 = x.to(torch.float32)
         t = self.t_of(sigma).to(device=x.device, dtype=torch.float32)
-        out = self.net(x32 / torch.sqrt(s**2 + 1), t).sample[:, : x.shape[1]]
+        out = self._predict(x32 / torch.sqrt(s**2 + 1), t, cond)[:, : x.shape[1]]
         if self.prediction == "epsilon":
             d = x32 - s * out
         elif self.prediction == "v_prediction":
@@ -87,9 +99,87 @@ class VPDenoiser(Denoiser):
 
     def to(self, device=None, dtype=None):
         self.device = torch.device(device) if device is not None else self.device
-        self.net.to(device=self.device)
+        for part in (self.net, getattr(self, "autoencoder", None), getattr(self, "text_encoder", None)):
+            if part is not None:
+                part.to(device=self.device)
         self.dtype = dtype or self.dtype
         return self
+
+
+class LatentDenoiser(VPDenoiser):
+    """A UNet2DModel over the latents of a VQModel (scale 1.0) or an AutoencoderKL (1 / scaling_factor)."""
+
+    def __init__(self, unet, autoencoder, sched_cfg, spec, fingerprint, round_timesteps=False):
+        super().__init__(unet, sched_cfg, spec, fingerprint, round_timesteps)
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        is_vq = type(autoencoder).__name__ == "VQModel"
+        self.latent_scale = 1.0 if is_vq else float(getattr(autoencoder.config, "scaling_factor", 0.18215))
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.autoencoder.decode(z.to(torch.float32) / self.latent_scale).sample
+
+
+class StableDiffusionDenoiser(LatentDenoiser):
+    def __init__(self, unet, vae, text_encoder, tokenizer, sched_cfg, spec, fingerprint, prompts, guidance,
+                 round_timesteps=False):
+        super().__init__(unet, vae, sched_cfg, spec, fingerprint, round_timesteps)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer, self.prompts, self.guidance = tokenizer, prompts, float(guidance)
+        self.passes_per_call = 1 if self.guidance == 1.0 else 2
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    def draw_cond(self, seeds) -> torch.Tensor:
+        """Prompt index per seed: caption i for seed i (modulo the number of captions)."""
+        return torch.tensor([int(s) % len(self.prompts) for s in seeds])
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(texts) if p not in self._embeddings]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids.to(self.device)
+            for p, e in zip(missing, self.text_encoder(ids)[0]):
+                self._embeddings[p] = e
+        return torch.stack([self._embeddings[p] for p in texts])
+
+    def _predict(self, x_vp, t, cond):
+        if cond is None:
+            raise BadInput(f"--model {self.spec}: Stable Diffusion needs prompt indices (drawn per seed)")
+        text = self.embed([self.prompts[int(i)] for i in cond])
+        if self.guidance == 1.0:
+            return self.net(x_vp, t, encoder_hidden_states=text).sample
+        empty = self.embed([""] * len(cond))
+        both = self.net(torch.cat([x_vp, x_vp]), torch.cat([t, t]), encoder_hidden_states=torch.cat([empty, text])).sample
+        eps_u, eps_c = both.chunk(2)
+        return eps_u + self.guidance * (eps_c - eps_u)
+
+
+def parse_options(query: str, spec: str) -> dict:
+    known = {"guidance": float, "prompt": str, "prompts": str, "round_timesteps": lambda v: v.lower() in ("1", "true")}
+    opts = {}
+    for key, values in parse_qs(query, keep_blank_values=True).items():
+        if key not in known:
+            raise BadInput(f"--model {spec}: unknown option {key!r}; known: {', '.join(known)}")
+        try:
+            opts[key] = known[key](values[-1])
+        except ValueError:
+            raise BadInput(f"--model {spec}: option {key} must be a number, got {values[-1]!r}") from None
+    return opts
+
+
+def load_prompts(opts: dict, spec: str) -> list[str]:
+    if "prompts" in opts:
+        try:
+            lines = [ln.strip() for ln in Path(opts["prompts"]).expanduser().read_text().splitlines() if ln.strip()]
+        except OSError as e:
+            raise BadInput(f"--prompts: cannot read {opts['prompts']} ({e.strerror or e})") from None
+        if not lines:
+            raise BadInput(f"--prompts: {opts['prompts']} holds no captions (one per line)")
+        return lines
+    if "prompt" in opts:
+        return [opts["prompt"]]
+    raise BadInput(f"--model {spec}: a text-conditioned model needs --prompt TEXT or --prompts FILE")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -112,30 +202,50 @@ def fingerprint(folder: Path) -> str:
 
 
 def load(body: str, spec: str) -> VPDenoiser:
-    root = Path(body).expanduser()
+    path, _, query = body.partition("?")
+    opts = parse_options(query, spec)
+    root = Path(path).expanduser()
     if not root.is_dir():
         raise BadInput(f"--model {spec}: no such folder {root}; expected a diffusers pipeline folder (model_index.json) "
-                       "or a model folder (config.json + scheduler_config.json), e.g. google/ddpm-cifar10-32 "
-                       "downloaded with save_pretrained")
+                       "or a model folder (config.json + scheduler_config.json), e.g. google/ddpm-cifar10-32 or "
+                       "stable-diffusion-v1-5 saved with save_pretrained")
     try:
-        import diffusers  # noqa: F401  (the optional extra)
+        import diffusers
     except Exception:
         raise BadInput(f"--model {spec}: diffusers is not installed; pip install 'solverdistill[diffusers]' "
                        "(keep your torch: add -c with torch==<installed version>)") from None
-    from diffusers import UNet2DModel
-    if (root / "model_index.json").is_file():
-        index = _read_json(root / "model_index.json", "pipeline index")
-        if any(k in index for k in ("vae", "vqvae", "text_encoder")):
-            raise BadInput(f"--model {spec}: latent and text-conditioned pipelines are not supported yet "
-                           "(pixel UNet2DModel pipelines only)")
-        unet_dir, sched_path = root / "unet", root / "scheduler" / "scheduler_config.json"
-    else:
-        unet_dir, sched_path = root, root / "scheduler_config.json"
-    for need in (unet_dir / "config.json", sched_path):
+    fp = fingerprint(root) + ("" if not query else "?" + hashlib.sha256(query.encode()).hexdigest()[:8])
+    rounding = bool(opts.get("round_timesteps", False))
+    index = _read_json(root / "model_index.json", "pipeline index") if (root / "model_index.json").is_file() else None
+    sub = (lambda name: root / name) if index is not None else (lambda name: root)
+    sched_path = sub("scheduler") / "scheduler_config.json"
+    for need in (sub("unet") / "config.json", sched_path):
         if not need.is_file():
             raise BadInput(f"--model {spec}: missing {need}")
-    try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False)
-    except Exception as e:
-        raise BadInput(f"--model {spec}: cannot load the UNet from {unet_dir} ({type(e).__name__}: {e})") from None
-    return VPDenoiser(unet, _read_json(sched_path, "scheduler config"), spec, fingerprint(root))
+    sched = _read_json(sched_path, "scheduler config")
+
+    def part(cls_name, name, library=diffusers):
+        folder = sub(name)
+        try:
+            cls = getattr(library, cls_name)
+            kwargs = {"local_files_only": True}
+            if library is diffusers:
+                kwargs["low_cpu_mem_usage"] = False
+            return cls.from_pretrained(str(folder), **kwargs)
+        except Exception as e:
+            raise BadInput(f"--model {spec}: cannot load {cls_name} from {folder} ({type(e).__name__}: {e})") from None
+
+    if index is not None and "text_encoder" in index:
+        import transformers
+        prompts = load_prompts(opts, spec)
+        return StableDiffusionDenoiser(part("UNet2DConditionModel", "unet"), part("AutoencoderKL", "vae"),
+                                       part("CLIPTextModel", "text_encoder", transformers),
+                                       part("CLIPTokenizer", "tokenizer", transformers), sched, spec, fp,
+                                       prompts, opts.get("guidance", 7.5), rounding)
+    if "prompt" in opts or "prompts" in opts or "guidance" in opts:
+        raise BadInput(f"--model {spec}: prompts and guidance apply to text-conditioned pipelines only")
+    unet = part("UNet2DModel", "unet")
+    if index is not None and ("vqvae" in index or "vae" in index):
+        ae = part("VQModel", "vqvae") if "vqvae" in index else part("AutoencoderKL", "vae")
+        return LatentDenoiser(unet, ae, sched, spec, fp, rounding)
+    return VPDenoiser(unet, sched, spec, fp, rounding)
