@@ -87,6 +87,7 @@ def sample(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (text-conditioned models)."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Captions file, one per line; caption i for seed i."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance (default 7.5)."),
+    precision: str = typer.Option("fp32", "--precision", help="Network precision: fp32, fp16 or bf16."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Sample with a handcrafted solver or a distilled artifact; write samples.npz (+ grid.png/scatter.png)."""
@@ -94,7 +95,7 @@ def sample(
     model = with_options(model, prompt=prompt, prompts=prompts, guidance=guidance)
     result = run_sample(model=model, solver=solver, nfe=nfe, schedule=schedule, afs=afs,
                         lower_order_final=lower_order_final, num=num, seed=seed, batch=batch, out_dir=out_dir,
-                        device=device, dtype=dtype, png=png, force=force,
+                        device=device, dtype=dtype, png=png, force=force, precision=precision,
                         progress=progress_bar(quiet, num, "sampling"))
     out.print(result, highlight=False, markup=False, soft_wrap=True)
 

@@ -40,6 +40,7 @@ class TeacherSection:
     compute_dtype: str = field(default="float32", metadata=_check(choices=("float32", "float64")))
     shard_size: int = field(default=256, metadata=_check(min=1))
     device: str = "auto"
+    precision: str = field(default="fp32", metadata=_check(choices=("fp32", "fp16", "bf16")))
 
 
 @dataclass

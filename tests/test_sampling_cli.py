@@ -110,6 +110,8 @@ def test_python_factory_and_yaml_model(tmp_path, monkeypatch):
     (["--num", "0"], "--num"),
     (["--dtype", "float16"], "--dtype"),
     (["--device", "tpu"], "--device"),
+    (["--precision", "fp8"], "--precision"),
+    (["--precision", "bf16"], "no network"),
 ])
 def test_bad_input_exits_2_with_message(tmp_path, args, message):
     base = {"--model": "gmm:tiny", "--out": str(tmp_path / "o")}

@@ -52,7 +52,7 @@ def with_options(spec: str | None, **options) -> str | None:
 
 
 def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, seed, batch, out_dir: Path,
-               device, dtype, png, progress, force=False) -> str:
+               device, dtype, png, progress, force=False, precision="fp32") -> str:
     if num < 1:
         raise BadInput(f"--num: must be >= 1, got {num}")
     if batch < 1:
@@ -60,6 +60,7 @@ def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, see
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     den, sol, extra = load_solver(solver, model, nfe, schedule, afs, lower_order_final, dev, torch_dtype, force)
+    den.set_precision(precision)
     out = ensure_dir(out_dir)
     seeds = list(range(seed, seed + num))
     grids: list = []  # per-sample grids, for learned solvers whose grid depends on the sample
@@ -73,7 +74,7 @@ def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, see
                        callback=keep_grid)
     meta = {"format": "sdistill-samples", "version": __version__, "model": den.spec,
             "model_fingerprint": den.fingerprint, **sol.describe(), **extra, "nfe": res.nfe,
-            "network_passes": res.network_passes, "seed": seed, "num": num, "dtype": dtype, "device": str(dev)}
+            "network_passes": res.network_passes, "precision": precision, "seed": seed, "num": num, "dtype": dtype, "device": str(dev)}
     arrays = {"x": res.x.numpy(), "z": res.z.numpy(), "seeds": res.seeds}
     if grids:
         arrays["grids"] = per_sample_grids(grids, num).numpy()

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from ..errors import BadInput
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Denoiser:
@@ -24,11 +30,32 @@ class Denoiser:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
 
+    precision: str = "fp32"
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
         raise NotImplementedError  # abstract
 
     def to(self, device=None, dtype=None) -> "Denoiser":
         return self
+
+    def set_precision(self, precision: str) -> "Denoiser":
+        """Mixed precision for the network (`--precision fp16|bf16|fp32`); the solver state stays in its own
+        dtype. On CUDA the network also goes channels-last."""
+        if precision not in PRECISIONS:
+            raise BadInput(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision != "fp32" and self.net is None:
+            raise BadInput(f"--precision {precision}: {self.spec} has no network to run in reduced precision")
+        self.precision = precision
+        if self.net is not None and self.device.type == "cuda":
+            self.net.to(memory_format=torch.channels_last)
+        return self
+
+    def autocast(self):
+        """The context the network runs in: autocast to fp16/bf16, or nothing for fp32."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
 class Wrapped(Denoiser):
@@ -46,7 +73,8 @@ class Wrapped(Denoiser):
                 setattr(self, name, getattr(obj, name))
 
     def __call__(self, x, sigma, cond=None):
-        return self.obj(x, sigma, cond)
+        with self.autocast():
+            return self.obj(x, sigma, cond)
 
     def to(self, device=None, dtype=None):
         if isinstance(self.obj, torch.nn.Module):

@@ -88,7 +88,8 @@ class VPDenoiser(Denoiser):
         s = sigma.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
         x32 = x.to(torch.float32)
         t = self.t_of(sigma).to(device=x.device, dtype=torch.float32)
-        out = self._predict(x32 / torch.sqrt(s**2 + 1), t, cond)[:, : x.shape[1]]
+        with self.autocast():
+            out = self._predict(x32 / torch.sqrt(s**2 + 1), t, cond)[:, : x.shape[1]].to(torch.float32)
         if self.prediction == "epsilon":
             d = x32 - s * out
         elif self.prediction == "v_prediction":

@@ -165,7 +165,9 @@ class EDMDenoiser(Denoiser):
         return cond.to(torch.float32)
 
     def __call__(self, x, sigma, cond=None):
-        return self.net(x, sigma, self.labels(cond, x.shape[0], x.device)).to(x.dtype)
+        with self.autocast():
+            out = self.net(x.to(torch.float32), sigma.to(torch.float32), self.labels(cond, x.shape[0], x.device))
+        return out.to(x.dtype)
 
     def to(self, device=None, dtype=None):
         self.device = torch.device(device) if device is not None else self.device

@@ -27,13 +27,14 @@ import torch
 from ..errors import BadInput
 
 FORMAT, FORMAT_VERSION = "sdistill-teacher-cache", 1
-SPEC_FIELDS = ("model", "solver", "grid", "dtype", "shape", "seed")
+SPEC_FIELDS = ("model", "solver", "grid", "dtype", "shape", "seed", "precision")
+SPEC_DEFAULTS = {"precision": "fp32"}  # caches written before a field existed
 
 
 def spec_differences(have: dict, want: dict) -> list[str]:
     diffs = []
     for key in SPEC_FIELDS:
-        a, b = have.get(key), want.get(key)
+        a, b = have.get(key, SPEC_DEFAULTS.get(key)), want.get(key, SPEC_DEFAULTS.get(key))
         if key == "grid":
             same = a is not None and len(a) == len(b) and np.allclose(a, b, rtol=1e-12, atol=0)
         else:

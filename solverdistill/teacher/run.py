@@ -37,6 +37,7 @@ def teacher_spec(recipe: Recipe, model) -> dict:
     cond = draw_cond(model, [t.seed])
     return {"model": model.fingerprint, "model_spec": model.spec, "solver": info.name, "schedule": t.schedule,
             "grid": grid.tolist(), "dtype": t.dtype, "shape": list(model.shape), "seed": t.seed,
+            "precision": t.precision,
             "cond_shape": None if cond is None else list(cond.shape[1:])}
 
 
@@ -119,7 +120,7 @@ def plan_shards(manifest: dict, num: int, shard_size: int) -> list[tuple[str, in
 def run_teacher(recipe: Recipe, overwrite: bool = False, progress=None, write: bool = True) -> TeacherReport:
     t = recipe.teacher
     device = resolve_device(t.device)
-    model = resolve(recipe.model.spec, device=device, dtype=resolve_dtype(t.compute_dtype))
+    model = resolve(recipe.model.spec, device=device, dtype=resolve_dtype(t.compute_dtype)).set_precision(t.precision)
     spec = teacher_spec(recipe, model)
     root = recipe.cache_dir()
     manifest = read_manifest(root) if root.exists() else None
