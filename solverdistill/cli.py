@@ -88,11 +88,17 @@ def sample(
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Captions file, one per line; caption i for seed i."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance (default 7.5)."),
     precision: str = typer.Option("fp32", "--precision", help="Network precision: fp32, fp16 or bf16."),
+    class_label: Optional[int] = typer.Option(None, "--class", help="Class-conditional EDM: this class for every "
+                                              "seed (default: drawn per seed)."),
+    round_timesteps: bool = typer.Option(False, "--round-timesteps", help="diffusers models: snap t(sigma) to "
+                                         "integers (default: fractional)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Sample with a handcrafted solver or a distilled artifact; write samples.npz (+ grid.png/scatter.png)."""
     from .commands.sample import run_sample, with_options
-    model = with_options(model, prompt=prompt, prompts=prompts, guidance=guidance)
+    model = with_options(model, prompt=prompt, prompts=prompts, guidance=guidance,
+                         round_timesteps=1 if round_timesteps else None)
+    model = with_options(model, **{"class": class_label})
     result = run_sample(model=model, solver=solver, nfe=nfe, schedule=schedule, afs=afs,
                         lower_order_final=lower_order_final, num=num, seed=seed, batch=batch, out_dir=out_dir,
                         device=device, dtype=dtype, png=png, force=force, precision=precision,

@@ -147,3 +147,12 @@ output: '{tmp_path / "dode.yaml"}'
         assert cache.cond(np.arange(3)) is None
     with np.load(tmp_path / "s" / "samples.npz") as f:
         assert f["x"].shape == (3, 3, 8, 8) and np.isfinite(f["x"]).all()
+
+
+def test_fixed_class_option(tmp_path, monkeypatch):
+    write_edm_pickle(tmp_path / "c.pkl", label_dim=4)
+    monkeypatch.setenv("SDISTILL_TRUST_PICKLE", "1")
+    assert resolve(f"edm:{tmp_path / 'c.pkl'}?class=2").draw_cond([5, 6]).tolist() == [2, 2]
+    r = runner.invoke(app, ["sample", "--model", f"edm:{tmp_path / 'c.pkl'}", "--class", "9", "--out",
+                            str(tmp_path / "o"), "--quiet"])
+    assert r.exit_code == 2 and "--class" in r.output

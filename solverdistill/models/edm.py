@@ -128,8 +128,9 @@ def load_edm_pickle(path: Path) -> dict:
 class EDMDenoiser(Denoiser):
     """Wraps `net(x, sigma, class_labels)`; sampling range [max(0.002, net.sigma_min), min(80, net.sigma_max)]."""
 
-    def __init__(self, net: torch.nn.Module, spec: str, fingerprint: str):
+    def __init__(self, net: torch.nn.Module, spec: str, fingerprint: str, fixed_class: int | None = None):
         self.net = net.eval().requires_grad_(False)
+        self.fixed_class = fixed_class
         self.spec, self.fingerprint = spec, fingerprint
         self.shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
         self.label_dim = int(getattr(net, "label_dim", 0) or 0)
@@ -151,6 +152,8 @@ class EDMDenoiser(Denoiser):
         """One class label per seed (its own generator, offset from the noise's), so labels too are per sample."""
         if self.label_dim == 0:
             return None
+        if self.fixed_class is not None:
+            return torch.full((len(list(seeds)),), self.fixed_class, dtype=torch.long)
         return torch.tensor([int(torch.randint(self.label_dim, (1,), generator=torch.Generator().manual_seed(
             int(s) + (1 << 31)))) for s in seeds])
 
@@ -177,7 +180,15 @@ class EDMDenoiser(Denoiser):
 
 
 def load(body: str, spec: str) -> EDMDenoiser:
-    path = Path(os.path.expanduser(body))
+    """`edm:PATH.pkl`, optionally `?class=K` (one class for every seed; otherwise drawn per seed)."""
+    raw, _, query = body.partition("?")
+    fixed = None
+    if query:
+        key, _, value = query.partition("=")
+        if key != "class" or not value.isdigit():
+            raise BadInput(f"--model {spec}: the only option is ?class=K (a class index), got {query!r}")
+        fixed = int(value)
+    path = Path(os.path.expanduser(raw))
     if not path.is_file():
         raise BadInput(f"--model {spec}: no such file {path}; EDM checkpoints (e.g. edm-cifar10-32x32-uncond-vp.pkl) are "
                        "published by NVIDIA with the EDM code release")
@@ -190,4 +201,7 @@ def load(body: str, spec: str) -> EDMDenoiser:
     for attr in ("img_resolution", "img_channels"):
         if not hasattr(net, attr):
             raise BadInput(f"--model {spec}: the 'ema' network lacks {attr}")
-    return EDMDenoiser(net, spec, "edm:" + digest[:16])
+    den = EDMDenoiser(net, spec, "edm:" + digest[:16], fixed)
+    if fixed is not None and not 0 <= fixed < max(den.label_dim, 1):
+        raise BadInput(f"--class: {fixed} is outside this model's {den.label_dim} classes")
+    return den
