@@ -13,6 +13,8 @@ from solverdistill.cli import app  # noqa: E402
 from solverdistill.models import resolve  # noqa: E402
 from solverdistill.sampling import plan  # noqa: E402
 
+from conftest import teacher_dode_sample  # noqa: E402
+
 SCHED = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
          "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon"}
 
@@ -72,19 +74,9 @@ def test_prediction_types_and_pipeline_layout(tmp_path):
 
 
 def test_teacher_dode_sample_end_to_end(model_dir, tmp_path):
-    (tmp_path / "r.yaml").write_text(f"""name: d
-model: {{spec: "diffusers:{model_dir}"}}
-teacher: {{steps: 12, num_samples: 12, batch: 6, cache: '{tmp_path / "cache"}'}}
-student: {{method: dode, nfe: 3, base: dpm++3m}}
-train: {{samples: 6, heldout: 4}}
-output: '{tmp_path / "dode.yaml"}'
-""")
-    runner = CliRunner()
-    for args in (["teacher", tmp_path / "r.yaml", "--quiet"], ["distill", tmp_path / "r.yaml", "--quiet"],
-                 ["sample", "--solver", tmp_path / "dode.yaml", "--num", 2, "--out", tmp_path / "s", "--quiet"]):
-        r = runner.invoke(app, [str(a) for a in args])
-        assert r.exit_code == 0, r.output
-    with np.load(tmp_path / "s" / "samples.npz") as f:
+    path = teacher_dode_sample(tmp_path, f"diffusers:{model_dir}", steps=12, num_samples=12, batch=6, samples=6,
+                               heldout=4, base="dpm++3m")
+    with np.load(path) as f:
         assert f["x"].shape == (2, 3, 16, 16) and np.isfinite(f["x"]).all()
 
 
@@ -154,21 +146,11 @@ def test_guidance_doubles_passes_and_one_is_the_conditional_model(sd_dir, tmp_pa
 
 def test_sd_teacher_stores_prompt_indices(sd_dir, tmp_path):
     (tmp_path / "caps.txt").write_text("a cat\na dog\na photo\n")
-    (tmp_path / "r.yaml").write_text(f"""name: sd
-model: {{spec: "diffusers:{sd_dir}?prompts={tmp_path / 'caps.txt'}&guidance=2"}}
-teacher: {{steps: 6, num_samples: 8, batch: 4, cache: '{tmp_path / "cache"}'}}
-student: {{method: dode, nfe: 3, base: euler}}
-train: {{samples: 4, heldout: 3}}
-output: '{tmp_path / "dode.yaml"}'
-""")
-    runner = CliRunner()
-    for args in (["teacher", tmp_path / "r.yaml", "--quiet"], ["distill", tmp_path / "r.yaml", "--quiet"],
-                 ["sample", "--solver", tmp_path / "dode.yaml", "--num", 2, "--out", tmp_path / "s", "--quiet"]):
-        r = runner.invoke(app, [str(a) for a in args])
-        assert r.exit_code == 0, r.output
+    teacher_dode_sample(tmp_path, f"diffusers:{sd_dir}?prompts={tmp_path / 'caps.txt'}&guidance=2", steps=6,
+                        num_samples=8, batch=4, samples=4, heldout=3)
     from solverdistill.teacher import TeacherCache
     assert TeacherCache.open(tmp_path / "cache").cond(np.arange(8)).tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
-    r = runner.invoke(app, ["sample", "--model", f"diffusers:{sd_dir}", "--out", str(tmp_path / "x"), "--quiet"])
+    r = CliRunner().invoke(app, ["sample", "--model", f"diffusers:{sd_dir}", "--out", str(tmp_path / "x"), "--quiet"])
     assert r.exit_code == 2 and "--prompt" in r.output
 
 

@@ -11,6 +11,8 @@ from solverdistill.errors import BadInput
 from solverdistill.models import resolve
 from solverdistill.models.edm import sha256_of
 
+from conftest import teacher_dode_sample
+
 runner = CliRunner()
 
 SRC = """
@@ -127,17 +129,8 @@ def test_teacher_dode_sample_end_to_end(tmp_path, monkeypatch, label_dim):
     write_edm_pickle(tmp_path / "n.pkl", label_dim=label_dim)
     monkeypatch.setenv("SDISTILL_TRUSTED", str(tmp_path / "t.txt"))
     (tmp_path / "t.txt").write_text(sha256_of(tmp_path / "n.pkl") + "\n")
-    (tmp_path / "r.yaml").write_text(f"""name: e
-model: {{spec: "edm:{tmp_path / 'n.pkl'}"}}
-teacher: {{steps: 10, num_samples: 12, batch: 5, shard_size: 6, cache: '{tmp_path / "cache"}'}}
-student: {{method: dode, nfe: 3, base: euler}}
-train: {{samples: 6, heldout: 4}}
-output: '{tmp_path / "dode.yaml"}'
-""")
-    for args in (["teacher", tmp_path / "r.yaml", "--quiet"], ["distill", tmp_path / "r.yaml", "--quiet"],
-                 ["sample", "--solver", tmp_path / "dode.yaml", "--num", 3, "--out", tmp_path / "s", "--quiet"]):
-        r = runner.invoke(app, [str(a) for a in args])
-        assert r.exit_code == 0, r.output
+    path = teacher_dode_sample(tmp_path, f"edm:{tmp_path / 'n.pkl'}", steps=10, num_samples=12, batch=6, samples=6,
+                               heldout=4, num=3)
     from solverdistill.teacher import TeacherCache
     cache = TeacherCache.open(tmp_path / "cache")
     if label_dim:
@@ -145,7 +138,7 @@ output: '{tmp_path / "dode.yaml"}'
         assert torch.equal(cache.cond(np.arange(12)), d.draw_cond(range(12)))
     else:
         assert cache.cond(np.arange(3)) is None
-    with np.load(tmp_path / "s" / "samples.npz") as f:
+    with np.load(path) as f:
         assert f["x"].shape == (3, 3, 8, 8) and np.isfinite(f["x"]).all()
 
 
