@@ -317,6 +317,26 @@ def bench(
     out.print(f"wrote {md} and {js}", highlight=False, markup=False)
 
 
+convert_app = typer.Typer(help="Convert checkpoints into folders sdistill loads.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("ldm")
+@handled
+def convert_ldm(
+    ckpt: Path = typer.Argument(..., help="CompVis LDM checkpoint (model.ckpt)."),
+    out_dir: Path = typer.Argument(..., help="diffusers pipeline folder to write."),
+    num_head_channels: int = typer.Option(32, "--num-head-channels", help="Attention head width (32 for LSUN)."),
+    sample_size: int = typer.Option(64, "--sample-size", help="Latent side (64 for LSUN-Bedroom)."),
+    norm_groups: int = typer.Option(32, "--norm-groups", help="GroupNorm groups (32 in LDM)."),
+):
+    """CompVis latent diffusion checkpoint (UNet + VQ first stage) -> diffusers folder (use as diffusers:OUT)."""
+    from .convert import convert_ldm as run
+    path = run(str(ckpt), str(out_dir), num_head_channels, sample_size, norm_groups)
+    out.print(f"wrote {path} (unet/, vqvae/, scheduler/); sample with --model diffusers:{path}", highlight=False,
+              markup=False, soft_wrap=True)
+
+
 cache_app = typer.Typer(help="Inspect teacher caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
