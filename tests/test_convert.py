@@ -117,3 +117,14 @@ def test_convert_rejects_other_files(tmp_path):
     torch.save({"state_dict": {"foo": torch.zeros(1)}}, tmp_path / "x.ckpt")
     r = CliRunner().invoke(app, ["convert", "ldm", str(tmp_path / "x.ckpt"), str(tmp_path / "o")])
     assert r.exit_code == 2 and "CompVis" in r.output
+
+
+def test_converted_ldm_end_to_end(tmp_path):
+    from conftest import teacher_dode_sample
+    import numpy as np
+    test_convert_round_trip(tmp_path)
+    (tmp_path / "run").mkdir()
+    path = teacher_dode_sample(tmp_path / "run", f"diffusers:{tmp_path / 'out'}", steps=8, num_samples=8, batch=4,
+                               samples=4, heldout=3)
+    with np.load(path) as f:
+        assert f["x"].shape == (2, 3, 8, 8) and f["images"].shape == (2, 3, 16, 16)
