@@ -17,12 +17,20 @@ from .errors import BadInput
 class CountingDenoiser:
     """Counts denoiser calls per sample (NFE) around any denoiser; forwards everything else."""
 
-    def __init__(self, model):
+    def __init__(self, model, _cell=None):
         self.model = model
-        self.calls = 0
+        self._cell = _cell if _cell is not None else [0]
+
+    @property
+    def calls(self) -> int:
+        return self._cell[0]
+
+    def with_model(self, other) -> "CountingDenoiser":
+        """The same counter around another denoiser (a student that carries its own fine-tuned network)."""
+        return CountingDenoiser(other, self._cell)
 
     def __call__(self, x, sigma, cond=None):
-        self.calls += 1
+        self._cell[0] += 1
         return self.model(x, sigma, cond)
 
     def __getattr__(self, name):

@@ -52,6 +52,13 @@ def _diffusers(body, spec):
 
 register_backend("diffusers", _diffusers, "diffusers folder (pixel UNet2DModel with its DDPM scheduler config)",
                  ("diffusers:/models/ddpm-cifar10-32",))
+def _toy(body, spec):
+    from . import toy
+    return toy.load(body, spec)
+
+
+register_backend("toy", _toy, "small EDM-preconditioned UNet shipped with the package (trained on gmm:cifar)",
+                 ("toy:unet-gmm",))
 register_backend("gmm", _gmm, "analytic Gaussian mixture with an exact denoiser",
                  ("gmm:tiny", "gmm:ring2d", "gmm:cifar", "gmm:shape=3x16x16,components=6,rank=8,seed=3"))
 register_backend("python", _python, "your own factory returning D(x, sigma, cond) with sigma_min, sigma_max, shape",

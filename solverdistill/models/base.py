@@ -67,14 +67,21 @@ class Wrapped(Denoiser):
         self.sigma_min, self.sigma_max = float(obj.sigma_min), float(obj.sigma_max)
         self.shape = tuple(int(v) for v in obj.shape)
         self.passes_per_call = int(getattr(obj, "passes_per_call", 1))
+        self.accepts_step_condition = bool(getattr(obj, "accepts_step_condition", False))
         self.net = obj if isinstance(obj, torch.nn.Module) else getattr(obj, "net", None)
-        for name in ("features", "decode"):
+        for name in ("features", "decode", "draw_cond"):
             if callable(getattr(obj, name, None)):
                 setattr(self, name, getattr(obj, name))
 
     def __call__(self, x, sigma, cond=None):
         with self.autocast():
             return self.obj(x, sigma, cond)
+
+    def __getattr__(self, name):
+        """Anything else the user's object offers (a bottleneck's `last_features`, ...)."""
+        if name == "obj":
+            raise AttributeError(name)
+        return getattr(self.obj, name)
 
     def to(self, device=None, dtype=None):
         if isinstance(self.obj, torch.nn.Module):

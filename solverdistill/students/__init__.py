@@ -34,7 +34,7 @@ def register(method: Method) -> None:
 
 
 def _builtins() -> None:
-    from . import dlms, dode  # noqa: F401  (each registers itself)
+    from . import dlms, dode, sfd  # noqa: F401  (each registers itself)
     try:
         from importlib.metadata import entry_points
         for ep in entry_points(group="solverdistill.students"):

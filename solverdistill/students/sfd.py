@@ -1,0 +1,198 @@
+"""SFD and SFD-v: fine-tune the network itself for few-step sampling (algorithms.md section 5.3).
+
+The student is a copy of the denoiser's network sampled with euler + AFS on a polynomial (rho 7) grid over
+[0.006, 80] (clipped to the model's range). For every student step: one euler step from the student's own detached
+state, L1 to the teacher state at the next sigma (summed over elements, averaged over the batch), NaN/inf gradients
+zeroed, one Adam step; then continue from the student's output. lr x0.1 at half of training; optional EMA.
+SFD-v trains one network for several NFEs, telling it the number of steps through a step condition (only for
+networks that accept one). Teacher states come from the teacher cache (Hermite between its grid points).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .. import grids
+from ..artifacts import Artifact, new_meta
+from ..errors import BadInput
+from ..solvers.common import afs_denoised
+from . import Method, register
+from .common import split, start
+
+
+@dataclass
+class SFDStudent:
+    method: str = "sfd"
+    nfe: int = field(default=2, metadata={"min": 1})
+    afs: bool = True
+    sigma_min: float = field(default=0.006, metadata={"min": 0.0})
+    sigma_max: float = field(default=80.0, metadata={"min": 0.0})
+    rho: float = field(default=7.0, metadata={"min": 0.0})
+    variable: bool = False          # SFD-v: one network for every NFE in nfe_set
+    nfe_set: str = "2,3,4,5"
+
+
+@dataclass
+class SFDTrain:
+    lr: float = field(default=5e-5, metadata={"min": 0.0})
+    batch: int = field(default=32, metadata={"min": 1})
+    iterations: int = field(default=200, metadata={"min": 1})
+    samples: int = field(default=0, metadata={"min": 0})
+    heldout: int = field(default=256, metadata={"min": 1})
+    ema: float = field(default=0.0, metadata={"min": 0.0})   # EMA decay of the weights; 0 = off
+    seed: int = 0
+    device: str = "auto"
+
+
+def student_grid(s: SFDStudent, model, nfe: int) -> torch.Tensor:
+    lo, hi = max(s.sigma_min, model.sigma_min), min(s.sigma_max, model.sigma_max)
+    return grids.polynomial(nfe + (1 if s.afs else 0), lo, hi, s.rho)
+
+
+def nfes_of(s: SFDStudent) -> list[int]:
+    if not s.variable:
+        return [s.nfe]
+    try:
+        values = sorted({int(v) for v in s.nfe_set.split(",") if v.strip()})
+    except ValueError:
+        raise BadInput(f"student.nfe_set: expected NFEs separated by commas, got {s.nfe_set!r}") from None
+    if not values or min(values) < 1:
+        raise BadInput(f"student.nfe_set: NFEs must be >= 1, got {s.nfe_set!r}")
+    return values
+
+
+def euler_step(den, x, s, s_next, cond, afs_now: bool):
+    d = (x - (afs_denoised(x, s) if afs_now else den(x, torch.full((x.shape[0],), s, dtype=x.dtype,
+                                                                       device=x.device), cond))) / s
+    return x + (s_next - s) * d
+
+
+def set_step(den, steps: int | None) -> None:
+    """The step condition SFD-v feeds the network (on a wrapped user object too)."""
+    for target in (den, getattr(den, "obj", None)):
+        if target is not None:
+            target.step_condition = steps
+
+
+class SFDSolver:
+    """Euler (+ AFS) on the stored grid with the fine-tuned network; counts calls on the caller's counter."""
+
+    def __init__(self, den, grid: torch.Tensor, nfe: int, afs: bool, step_condition: int | None):
+        self.den, self.grid, self.nfe, self.afs, self.step_condition = den, grid, nfe, afs, step_condition
+
+    def solve(self, model, x, cond=None, callback=None):
+        den = model.with_model(self.den) if hasattr(model, "with_model") else self.den
+        set_step(self.den, self.step_condition)
+        s = self.grid.tolist()
+        with torch.no_grad():
+            for i in range(len(s) - 1):
+                x = euler_step(den, x, s[i], s[i + 1], cond, self.afs and i == 0)
+                if callback is not None:
+                    callback({"i": i, "sigma": s[i], "sigma_next": s[i + 1], "x": x, "denoised": None})
+        return x
+
+    def describe(self) -> dict:
+        return {"solver": "sfd", "nfe": self.nfe, "afs": self.afs, "steps": len(self.grid) - 1,
+                "grid": self.grid.tolist()}
+
+
+def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
+    began = time.time()
+    if model.net is None or not isinstance(model.net, torch.nn.Module):
+        raise BadInput(f"student.method: sfd fine-tunes a network, and {model.spec} has none")
+    if s.variable and not getattr(model, "accepts_step_condition", False):
+        raise BadInput(f"student.variable: SFD-v needs a network that accepts a step condition; {model.spec} does not")
+    nfes = nfes_of(s)
+    student = copy.deepcopy(model)
+    net = student.net.train().requires_grad_(True)
+    ema = copy.deepcopy(net).requires_grad_(False) if t.ema else None
+    opt = torch.optim.Adam(net.parameters(), lr=t.lr, betas=(0.9, 0.999))
+    train_idx, _ = split(cache, t.samples, t.heldout)
+    rng = np.random.default_rng(t.seed)
+    torch.manual_seed(t.seed)
+    losses, cleaned = [], 0
+    for it in range(1, t.iterations + 1):
+        if it == t.iterations // 2 + 1:
+            for g in opt.param_groups:
+                g["lr"] = t.lr * 0.1
+        nfe = int(rng.choice(nfes))
+        set_step(student, nfe if s.variable else None)
+        grid = student_grid(s, model, nfe).tolist()
+        idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
+        x, cond = start(cache, idx, model)
+        targets = cache.states_at(idx, np.array(grid[1:]), dtype=x.dtype, device=x.device)
+        total = 0.0
+        for k in range(len(grid) - 1):
+            afs_now = s.afs and k == 0
+            out = euler_step(student, x.detach(), grid[k], grid[k + 1], cond, afs_now)
+            if afs_now:  # no network in the AFS step: nothing to train, continue from its output
+                x = out.detach()
+                continue
+            loss = (out - targets[:, k]).abs().flatten(1).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in net.parameters():
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    cleaned += 1
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, p in zip(ema.parameters(), net.parameters()):
+                        pe.lerp_(p, 1 - t.ema)
+            total += float(loss)
+            x = out.detach()
+        losses.append(total)
+        if progress:
+            progress(1, info=f"L1 {total:.3e} (NFE {nfe})")
+    final = ema if ema is not None else net
+    arrays = {f"net.{k}": v.detach().cpu().float().numpy() for k, v in final.state_dict().items()}
+    arrays["grid"] = student_grid(s, model, s.nfe).numpy()
+    meta = new_meta("sfd", base_solver="euler+afs" if s.afs else "euler", nfe=s.nfe,
+                    network_passes=s.nfe * model.passes_per_call, afs=s.afs, grid=arrays["grid"].tolist(),
+                    student=asdict(s), model=model.spec, model_fingerprint=model.fingerprint,
+                    training={"seconds": time.time() - began, "iterations": t.iterations, "samples": len(train_idx),
+                              "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
+                              "cleaned_gradients": cleaned, "train": asdict(t)})
+    return Artifact(meta, arrays)
+
+
+def load(artifact: Artifact, model=None, nfe: int | None = None) -> SFDSolver:
+    from ..recipes import build_section
+    raw = artifact.meta.get("student")
+    if not isinstance(raw, dict):
+        raise BadInput(f"{artifact.path}: meta.student (the SFD settings) is missing")
+    try:
+        s = build_section(SFDStudent, raw, "meta.student")
+    except BadInput as e:
+        raise BadInput(f"{artifact.path}: {e}") from None
+    if model is None or model.net is None:
+        raise BadInput(f"{artifact.path}: an SFD artifact needs its model ({artifact.meta.get('model')})")
+    den = copy.deepcopy(model)
+    state = den.net.state_dict()
+    if any(k.startswith("net.") for k in artifact.arrays):  # none: the untrained student, the model's own weights
+        names = {k[4:] for k in artifact.arrays if k.startswith("net.")}
+        if names != set(state):
+            raise BadInput(f"{artifact.path}: its weights are for another network than {model.spec} "
+                           f"({len(names ^ set(state))} parameter names differ)")
+        for name, ref in state.items():
+            state[name] = torch.from_numpy(artifact.array(f"net.{name}", shape=tuple(ref.shape))).to(ref.dtype)
+        den.net.load_state_dict(state)
+    den.net.eval().requires_grad_(False)
+    nfe = nfe or s.nfe
+    grid = student_grid(s, model, nfe) if s.variable else torch.tensor(artifact.array("grid", ndim=1))
+    return SFDSolver(den, grid, nfe, s.afs, nfe if s.variable else None)
+
+
+def untrained(artifact: Artifact) -> Artifact:
+    """The original network: no weights in the artifact means the model's own (load() keeps them)."""
+    return Artifact(artifact.meta, {k: v for k, v in artifact.arrays.items() if not k.startswith("net.")},
+                    artifact.path)
+
+
+register(Method("sfd", SFDStudent, SFDTrain, fit, load, untrained, "fine-tunes the network for few steps (SFD, SFD-v)"))
