@@ -45,7 +45,7 @@ def _builtins() -> None:
 
 
 def get(name: str) -> Method:
-    if not METHODS:
+    if name not in METHODS:  # load the built-ins and plugins once, whatever was imported before
         _builtins()
     if name not in METHODS:
         raise BadInput(f"student.method: unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
