@@ -145,7 +145,7 @@ def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
                 with torch.no_grad():
                     for pe, p in zip(ema.parameters(), net.parameters()):
                         pe.lerp_(p, 1 - t.ema)
-            total += float(loss)
+            total += float(loss.detach())
             x = out.detach()
         losses.append(total)
         if progress:
