@@ -57,3 +57,15 @@ def handcrafted_baselines(model, cache, idx, nfe: int) -> dict[str, float]:
                 continue
             out[f"{name}{'+afs' if afs else ''}"] = heldout_rmse(p, model, cache, idx)
     return out
+
+
+def stored_settings(artifact, cls):
+    """The student settings an artifact stores in `meta.student`, validated like a recipe section."""
+    from ..recipes import build_section
+    raw = artifact.meta.get("student")
+    if not isinstance(raw, dict):
+        raise BadInput(f"{artifact.path}: meta.student (the {artifact.method} settings) is missing")
+    try:
+        return build_section(cls, raw, "meta.student")
+    except BadInput as e:
+        raise BadInput(f"{artifact.path}: {e}") from None

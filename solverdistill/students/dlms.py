@@ -30,7 +30,7 @@ from ..errors import BadInput
 from ..solvers.common import afs_denoised
 from ..solvers.multistep import dpmpp_table
 from . import Method, register
-from .common import endpoints, split, start
+from .common import endpoints, split, start, stored_settings
 
 PLMS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 FEATURES = 64
@@ -342,15 +342,7 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
 
 
 def load(artifact: Artifact, model=None) -> DLMS:
-    meta = artifact.meta
-    raw = meta.get("student")
-    if not isinstance(raw, dict):
-        raise BadInput(f"{artifact.path}: meta.student (the DLMS settings) is missing")
-    from ..recipes import build_section
-    try:
-        cfg = build_section(DLMSStudent, raw, "meta.student")
-    except BadInput as e:
-        raise BadInput(f"{artifact.path}: {e}") from None
+    cfg = stored_settings(artifact, DLMSStudent)
     grid = artifact.array("init_grid", ndim=1)
     steps = cfg.nfe + (1 if cfg.afs else 0)
     if len(grid) != steps + 1:

@@ -22,7 +22,7 @@ from ..artifacts import Artifact, new_meta
 from ..errors import BadInput
 from ..solvers.common import afs_denoised
 from . import Method, register
-from .common import split, start
+from .common import split, start, stored_settings
 
 
 @dataclass
@@ -163,14 +163,7 @@ def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
 
 
 def load(artifact: Artifact, model=None, nfe: int | None = None) -> SFDSolver:
-    from ..recipes import build_section
-    raw = artifact.meta.get("student")
-    if not isinstance(raw, dict):
-        raise BadInput(f"{artifact.path}: meta.student (the SFD settings) is missing")
-    try:
-        s = build_section(SFDStudent, raw, "meta.student")
-    except BadInput as e:
-        raise BadInput(f"{artifact.path}: {e}") from None
+    s = stored_settings(artifact, SFDStudent)
     if model is None or model.net is None:
         raise BadInput(f"{artifact.path}: an SFD artifact needs its model ({artifact.meta.get('model')})")
     den = copy.deepcopy(model)
