@@ -97,8 +97,7 @@ def sample(
     """Sample with a handcrafted solver or a distilled artifact; write samples.npz (+ grid.png/scatter.png)."""
     from .commands.sample import run_sample, with_options
     model = with_options(model, prompt=prompt, prompts=prompts, guidance=guidance,
-                         round_timesteps=1 if round_timesteps else None)
-    model = with_options(model, **{"class": class_label})
+                         round_timesteps=1 if round_timesteps else None, **{"class": class_label})
     result = run_sample(model=model, solver=solver, nfe=nfe, schedule=schedule, afs=afs,
                         lower_order_final=lower_order_final, num=num, seed=seed, batch=batch, out_dir=out_dir,
                         device=device, dtype=dtype, png=png, force=force, precision=precision,
