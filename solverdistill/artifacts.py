@@ -1,4 +1,4 @@
-"""Solver artifacts (design.md "Artifact file"): one self-describing file, safe to load.
+"""Solver artifacts (docs/formats.md "Artifacts"): one self-describing file, safe to load.
 
 NPZ: arrays plus a `meta` entry holding a JSON string, read with allow_pickle=False (an object array is refused,
 nothing in the file runs). YAML: the same meta plus small arrays as nested lists, for people to read and edit.
@@ -7,7 +7,6 @@ nothing in the file runs). YAML: the same meta plus small arrays as nested lists
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 
 from . import __version__
 from .errors import BadInput
-from .outputs import read_npz
+from .npzfiles import read_npz, write_npz
 
 FORMAT, FORMAT_VERSION = "sdistill-solver", 1
 REQUIRED_META = ("format", "format_version", "method", "nfe", "model_fingerprint")
@@ -47,12 +46,14 @@ class Artifact:
 
 
 def new_meta(method: str, **fields) -> dict:
+    """The meta every artifact starts with (format, version, method, creation time) plus `fields`."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "method": method,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "version": __version__, **fields}
 
 
 def save(artifact: Artifact, path: str | os.PathLike) -> Path:
+    """Write NPZ (or YAML for a .yaml/.yml path) atomically; an unwritable path is bad input naming --out."""
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -60,11 +61,9 @@ def save(artifact: Artifact, path: str | os.PathLike) -> Path:
             doc = {"meta": artifact.meta, "arrays": {k: np.asarray(v).tolist() for k, v in artifact.arrays.items()}}
             tmp = p.with_name(p.name + ".tmp")
             tmp.write_text(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=120))
+            os.replace(tmp, p)
         else:
-            tmp = p.with_name(p.name + ".tmp.npz")
-            np.savez(tmp, meta=np.array(json.dumps(artifact.meta)),
-                     **{k: np.asarray(v) for k, v in artifact.arrays.items()})
-        os.replace(tmp, p)
+            write_npz(p, artifact.meta, **artifact.arrays)
     except OSError as e:
         raise BadInput(f"--out: cannot write the artifact {str(p)!r}: {e.strerror or e}") from None
     return p
@@ -114,3 +113,25 @@ def check_model(art: Artifact, fingerprint: str, force: bool = False) -> None:
     if art.meta["model_fingerprint"] != fingerprint and not force:
         raise BadInput(f"{art.path}: made for model {art.meta.get('model', '?')} (fingerprint "
                        f"{art.meta['model_fingerprint']}), not this one ({fingerprint}); use --force to use it anyway")
+
+
+def scan(folders, fingerprint: str | None = None) -> dict[Path, Artifact]:
+    """Every readable artifact in these folders (made for `fingerprint`, when given), in folder order."""
+    found = {}
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.npz")) + sorted(Path(folder).glob("*.yaml")):
+            try:
+                art = load(path)
+            except BadInput:
+                continue  # samples.npz, recipes and other files that are not artifacts
+            if fingerprint is None or art.meta["model_fingerprint"] == fingerprint:
+                found[path] = art
+    return found
+
+
+def find(method: str, nfe: int, fingerprint: str, folders) -> Path | None:
+    """The first artifact of `method` at `nfe` for this model in these folders, or None."""
+    for path, art in scan(folders, fingerprint).items():
+        if art.method == method and int(art.meta["nfe"]) == nfe:
+            return path
+    return None

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 
 from . import __version__, artifacts, students
-from .evaluate import acceleration_ratio
-from .sampling import generate, initial_noise, plan
-from .solvers import SOLVERS
+from .evaluation import acceleration_ratio, heldout_rmse
+from .generate import generate, initial_noise
+from .pipeline import open_workspace
+from .solvers import SOLVERS, plan, sweep
 
 
 def machine(device) -> dict:
+    """Platform, Python, torch, CPU count and threads, and the GPU's name on CUDA."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
@@ -51,7 +53,7 @@ def sampling_overhead(model, solver, nfe: int, batch: int, batches: int, repeats
     for _ in range(repeats):
         _sync(model.device)
         t0 = time.perf_counter()
-        generate(model, lambda m, x, c, cb: solver.solve(m, x, c, cb), seeds, batch=batch)
+        generate(model, solver, seeds, batch=batch)
         _sync(model.device)
         full.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
@@ -65,6 +67,7 @@ def sampling_overhead(model, solver, nfe: int, batch: int, batches: int, repeats
 
 
 def teacher_overhead(spec: str, num: int, steps: int, repeats: int = 3) -> dict:
+    """Median `teacher` wall time with writing / without, on a fresh cache each repeat."""
     from .recipes import load_recipe
     from .teacher.run import run_teacher
     tmp = tempfile.mkdtemp()
@@ -87,8 +90,10 @@ def teacher_overhead(spec: str, num: int, steps: int, repeats: int = 3) -> dict:
 
 
 def fid_throughput(inception: str | None, device, batch: int, batches: int = 8) -> dict:
+    """The `fid` feature path (quantise, network, statistics) against the bare Inception forward."""
     from .errors import BadInput
-    from .fid import FeatureStats, InceptionFeatures, inception_path, to_uint8_nchw
+    from .fid import FeatureStats, InceptionFeatures, inception_path
+    from .images import to_uint8_nchw
     try:
         net = InceptionFeatures(inception_path(inception), device=device)
     except BadInput as e:
@@ -111,16 +116,12 @@ def fid_throughput(inception: str | None, device, batch: int, batches: int = 8) 
 
 def run_bench(recipe_path: str = "recipes/quickstart.yaml", num: int = 256, device=None, inception=None,
               quick: bool = False, say=print) -> dict:
-    from .commands.distill import ensure_cache
-    from .models import resolve
-    from .progress import Bar
+    """Measure everything in the module docstring; returns the report (see `render`)."""
     from .recipes import load_recipe
-    from .sampling import resolve_dtype
-    from .students.common import heldout_rmse
     device = device or torch.device("cpu")
     recipe = load_recipe(recipe_path)
-    model = resolve(recipe.model.spec, device=device, dtype=resolve_dtype(recipe.teacher.compute_dtype))
-    cache, _ = ensure_cache(recipe, model, say, lambda n, label: Bar(n, label, disabled=True))
+    ws = open_workspace(recipe, str(device), say)
+    model, cache = ws.model, ws.cache
     held = np.arange(cache.num_samples - min(num, cache.num_samples // 2), cache.num_samples)
     report = {"version": __version__, "machine": machine(device), "model": model.spec,
               "settings": {"recipe": recipe_path, "heldout_seeds": len(held), "quick": quick,
@@ -130,23 +131,12 @@ def run_bench(recipe_path: str = "recipes/quickstart.yaml", num: int = 256, devi
     quality, curve = {}, {}
     for name in SOLVERS:
         for afs in (False, True):
-            row = {}
-            for nfe in nfes:
-                try:
-                    p = plan(name, nfe, model.sigma_min, model.sigma_max, afs=afs)
-                except Exception:
-                    continue
-                row[nfe] = heldout_rmse(p, model, cache, held)
-                curve[nfe] = min(curve.get(nfe, np.inf), row[nfe])
-            quality[f"{name}{'+afs' if afs else ''}"] = row
-    arts = {}
-    for folder in (Path("solvers"), Path("out")):
-        for path in sorted(folder.glob("*.npz")) + sorted(folder.glob("*.yaml")):
-            try:
-                art = artifacts.load(path, fingerprint=model.fingerprint)
-            except Exception:
-                continue
-            arts[str(path)] = art
+            quality[f"{name}{'+afs' if afs else ''}"] = {}
+    for nfe in nfes:
+        for key, p in sweep(nfe, model).items():
+            quality[key][nfe] = heldout_rmse(p, model, cache, held)
+            curve[nfe] = min(curve.get(nfe, np.inf), quality[key][nfe])
+    arts = {str(path): art for path, art in artifacts.scan((Path("solvers"), Path("out")), model.fingerprint).items()}
     students_rows = []
     for path, art in arts.items():
         solver = students.get(art.method).load(art, model)
@@ -163,7 +153,7 @@ def run_bench(recipe_path: str = "recipes/quickstart.yaml", num: int = 256, devi
     over = {}
     for name in SOLVERS:
         info = SOLVERS[name]
-        p = plan(name, 5, model.sigma_min, model.sigma_max, afs=info.calls_per_step == 2)
+        p = plan(name, 5, model, afs=info.calls_per_step == 2)
         over[name] = sampling_overhead(model, p, 5, batch, 16 if not quick else 4)
     for path, art in arts.items():
         if int(art.meta["nfe"]) == 5:
@@ -177,6 +167,7 @@ def run_bench(recipe_path: str = "recipes/quickstart.yaml", num: int = 256, devi
 
 
 def render(report: dict) -> str:
+    """The report as Markdown."""
     m = report["machine"]
     lines = [f"# sdistill bench ({report['version']})", "",
              f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['threads']} threads), "
@@ -210,6 +201,7 @@ def render(report: dict) -> str:
 
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    """report.md and report.json in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     (out_dir / "report.md").write_text(render(report))

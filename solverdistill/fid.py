@@ -1,4 +1,4 @@
-"""Frechet distances (algorithms.md section 7): streaming float64 feature statistics, the distance itself, and
+"""Frechet distances (docs/evaluation.md): streaming float64 feature statistics, the distance itself, and
 the features: raw pixels, or Inception-v3 pool features through the TorchScript network the papers use.
 
 The Inception weights are never downloaded: `inception-2015-12-05.pt` (published by NVIDIA with the
@@ -9,12 +9,14 @@ StyleGAN2-ADA metrics; clean-fid's `InceptionV3W` wraps the same file) is read f
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import BadInput
+from .images import to_uint8_nchw
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
@@ -121,11 +123,6 @@ def clean_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
     return torch.from_numpy(np.clip(np.stack(out), 0, 255).round().astype(np.uint8))
 
 
-def to_uint8_nchw(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 of x * 127.5 + 128, clipped (EDM / clean-fid legacy convention)."""
-    return (x.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
-
 # --- where images and reference statistics come from ----------------------------------------------------------
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -157,7 +154,7 @@ def iter_images(source: str, batch: int):
                 arrs.append(a)
             yield torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
         return
-    from .outputs import read_npz
+    from .npzfiles import read_npz
     if not p.is_file():
         raise BadInput(f"{p}: no such samples file or image folder")
     arrays, _ = read_npz(p, "samples file")
@@ -173,7 +170,7 @@ def iter_pixels(source: str, batch: int):
     to [-1, 1]."""
     p = Path(source)
     if p.is_file() and p.suffix == ".npz":
-        from .outputs import read_npz
+        from .npzfiles import read_npz
         arrays, _ = read_npz(p, "samples file")
         x = arrays.get("images", arrays.get("x"))
         if x is None:
@@ -225,3 +222,88 @@ def load_stats(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def stats_dir() -> Path:
     return Path(os.environ.get("SDISTILL_STATS", str(Path.home() / ".cache" / "sdistill" / "stats")))
+
+
+# --- the `fid` job: samples against a reference ----------------------------------------------------------------
+
+FEATURES = ("inception", "pixels")
+
+
+@dataclass
+class FIDResult:
+    distance: float
+    samples: int
+    features: str
+    mode: str
+    reference: str
+
+
+def compute_stats(source: str, features: str, mode: str, batch: int, device, inception: str | None,
+                  progress=None) -> FeatureStats:
+    stats = FeatureStats()
+    if features == "pixels":
+        batches = prefetch(iter_pixels(source, batch))
+        for f in batches:
+            stats.update(f)
+            if progress:
+                progress(f.shape[0])
+        return stats
+    net = InceptionFeatures(inception_path(inception), mode, device)
+    for u8 in prefetch(iter_images(source, batch)):
+        stats.update(net(u8))
+        if progress:
+            progress(u8.shape[0])
+    return stats
+
+
+def reference_stats(ref: str, features: str, mode: str, batch, device, inception) -> tuple[np.ndarray, np.ndarray, str]:
+    p = Path(ref)
+    if p.is_file() and p.suffix == ".npz" and not _is_samples(p):
+        mu, sigma = load_stats(p)
+        return mu, sigma, str(p)
+    if p.is_dir() or (p.is_file() and p.suffix == ".npz"):
+        s = compute_stats(ref, features, mode, batch, device, inception)
+        return s.mean(), s.cov(), str(p)
+    if ":" in ref:  # a model spec: exact moments of an analytic model, pixel features only
+        from .models import resolve
+        model = resolve(ref)
+        if not hasattr(model, "data_cov"):
+            raise BadInput(f"--ref {ref}: this model has no exact data moments; give a statistics file or images")
+        if features != "pixels":
+            raise BadInput(f"--ref {ref}: exact moments are in pixel space; add --features pixels")
+        return model.data_mean().numpy(), model.data_cov().numpy(), f"{ref} (exact mixture moments)"
+    found = sorted(stats_dir().glob(f"{ref}.npz")) + sorted(stats_dir().glob(f"{ref}-*.npz"))
+    if not found:
+        raise BadInput(f"--ref: {ref!r} is not a file, a folder, a model spec, or a dataset with a statistics file "
+                       f"in {stats_dir()} (expected {ref}.npz or {ref}-*.npz with 'mu' and 'sigma'; set "
+                       "SDISTILL_STATS to another folder)")
+    mu, sigma = load_stats(found[0])
+    return mu, sigma, str(found[0])
+
+
+def _is_samples(p: Path) -> bool:
+    with np.load(p, allow_pickle=False) as f:
+        return "mu" not in f.files and ("x" in f.files or "images" in f.files)
+
+
+def run_fid(samples: str, ref: str, features: str, mode: str, batch: int, device, inception, progress=None):
+    if features not in FEATURES:
+        raise BadInput(f"--features: expected one of {', '.join(FEATURES)}, got {features!r}")
+    if mode not in ("legacy_tensorflow", "clean"):
+        raise BadInput(f"--mode: expected legacy_tensorflow or clean, got {mode!r}")
+    if batch < 1:
+        raise BadInput(f"--batch: must be >= 1, got {batch}")
+    mu_r, sig_r, where = reference_stats(ref, features, mode, batch, device, inception)
+    s = compute_stats(samples, features, mode, batch, device, inception, progress)
+    return FIDResult(frechet_distance(s.mean(), s.cov(), mu_r, sig_r), s.n, features, mode, where)
+
+
+def make_ref(images: str, out: str, features: str, mode: str, batch: int, device, inception) -> tuple[Path, int]:
+    s = compute_stats(images, features, mode, batch, device, inception)
+    path = Path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, mu=s.mean(), sigma=s.cov())
+    except OSError as e:
+        raise BadInput(f"--out: cannot write {str(path)!r}: {e.strerror or e}") from None
+    return path, s.n

@@ -1,4 +1,4 @@
-"""Time grids: strictly decreasing float64 sigmas from sigma_max to sigma_min (algorithms.md section 2)."""
+"""Time grids: strictly decreasing float64 sigmas from sigma_max to sigma_min (docs/conventions.md "Time grids")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Recipes: one YAML file = model + teacher + student + training + output (design.md "Recipe").
+"""Recipes: one YAML file = model + teacher + student + training + output (docs/formats.md "Recipes").
 
 Loading is shared by every command: `${ENV_VAR}` expansion, CLI overrides, and validation that names the key
 path (`teacher.num_samples: must be >= 1, got -3`). Each command reads only the sections it needs.

@@ -1,1 +1,2 @@
-"""Engine entry points behind the CLI commands (one module per command; the CLI only parses and prints)."""
+"""The `sdistill` commands, one module each: parse the flags, call the engine, print (rich, results on stdout,
+messages and progress on stderr)."""

@@ -1,43 +1,23 @@
-"""`sdistill compare`: solvers side by side across NFEs on the same seeds, against accurate endpoints.
-
-A name is a handcrafted solver (`euler`, `dpm++`, with `+afs` for the analytical first step), an artifact path,
-or a student method (`dlms`, `dode`, `sfd`) whose artifact for this model and NFE is found in the artifact
-folders, or distilled from the recipe's teacher cache when missing.
-"""
+"""`sdistill compare`: solvers side by side across NFEs; the table, JSON/CSV rows, a plot and an image grid."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import typer
+from rich.table import Table
 
-from .. import artifacts, students
 from ..errors import BadInput
-from ..evaluate import psnr, reference_endpoints, rmse
-from ..fid import FeatureStats, frechet_distance
-from ..models import resolve
-from ..sampling import generate, plan
-from ..solvers import get as get_solver
-
-METRICS = ("rmse", "psnr", "fd", "fid")
-METHODS = ("dlms", "dode", "sfd")
-REFERENCE_SEED = 1_000_000  # far from teacher seeds: held out by construction
-
-
-@dataclass
-class Comparison:
-    rows: list[dict] = field(default_factory=list)      # {solver, nfe, network_passes, metric, value}
-    reference: str = ""
-    samples: int = 0
-    grid_images: dict[str, np.ndarray] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+from .console import line, out, progress, say
 
 
 def parse_list(text: str, flag: str, cast=str) -> list:
+    """A comma-separated flag value; empty or non-numeric (for numbers) is bad input naming the flag."""
     items = [v.strip() for v in text.split(",") if v.strip()]
     if not items:
         raise BadInput(f"{flag}: give a comma-separated list")
@@ -47,164 +27,69 @@ def parse_list(text: str, flag: str, cast=str) -> list:
         raise BadInput(f"{flag}: expected numbers separated by commas, got {text!r}") from None
 
 
-def split_afs(name: str) -> tuple[str, bool]:
-    """`euler+afs` -> ("euler", True); `dpm++` keeps its pluses."""
-    return (name[:-4], True) if name.endswith("+afs") else (name, False)
-
-
-def find_artifact(method: str, nfe: int, fingerprint: str, folders: list[Path]) -> Path | None:
-    for folder in folders:
-        for path in sorted(folder.glob("*.npz")) + sorted(folder.glob("*.yaml")):
-            try:
-                art = artifacts.load(path)
-            except BadInput:
-                continue
-            m = art.meta
-            if m["method"] == method and int(m["nfe"]) == nfe and m["model_fingerprint"] == fingerprint:
-                return path
-    return None
-
-
-class Resolver:
-    """Turns a name and an NFE into a solver (or a reason it cannot run at that NFE)."""
-
-    def __init__(self, model, recipe, folders, say, progress_factory):
-        self.model, self.recipe, self.folders, self.say, self.progress = model, recipe, folders, say, progress_factory
-
-    def __call__(self, name: str, nfe: int):
-        base, afs = split_afs(name)
-        if name.endswith((".npz", ".yaml", ".yml")):
-            art = artifacts.load(name, fingerprint=self.model.fingerprint)
-            if int(art.meta["nfe"]) != nfe:
-                return None
-            return students.get(art.method).load(art, self.model)
-        if base in METHODS:
-            path = find_artifact(base, nfe, self.model.fingerprint, self.folders)
-            if path is None:
-                path = self.distill(base, nfe)
-            art = artifacts.load(path, fingerprint=self.model.fingerprint)
-            return students.get(art.method).load(art, self.model)
-        info = get_solver(base)
-        try:
-            return plan(info.name, nfe, self.model.sigma_min, self.model.sigma_max, afs=afs)
-        except BadInput:
-            return None  # e.g. heun at an odd NFE without AFS: an empty cell, not an error
-
-    def distill(self, method: str, nfe: int) -> Path:
-        if self.recipe is None:
-            raise BadInput(f"--solvers: no {method} artifact for this model at NFE {nfe} in "
-                           f"{', '.join(map(str, self.folders))}; pass --recipe to distill one")
-        from .distill import run_distill
-        out = self.folders[0] / f"{self.recipe.name}_{method}_nfe{nfe}.npz"
-        self.say(f"no {method} artifact at NFE {nfe}: distilling {out} from the teacher cache")
-        rec = self.recipe
-        rec.student = {**rec.student, "nfe": nfe}
-        run_distill(rec, str(out), self.say, self.progress, method_name=method)
-        return out
-
-
-def run_compare(names: list[str], nfes: list[int], *, recipe=None, model_spec=None, num=1000, seed=None,
-                metrics=("rmse",), folders=(Path("out"), Path("solvers")), batch=250, say=print,
-                progress_factory=None, grid_nfe: int | None = None, inception=None) -> Comparison:
+def command(
+    solvers_: str = typer.Option("ddim,dpm++,dlms", "--solvers", help="Comma-separated: handcrafted names (+afs), "
+                                 "artifact paths, or student methods (dlms, dode, sfd, plugins)."),
+    nfe: str = typer.Option("3,4,5,6,8,10", "--nfe", help="Comma-separated NFEs."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe: model, teacher cache (reference), students."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model spec (reference: an RK4 solve run here)."),
+    num: int = typer.Option(1000, "--num", help="Number of seeds."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="First seed (with --model; default 1000000)."),
+    metric: str = typer.Option("rmse", "--metric", help="Comma-separated: rmse, psnr, fd, fid."),
+    artifacts_dir: Optional[str] = typer.Option(None, "--artifacts", help="Artifact folders, comma-separated "
+                                                "(default: out, then solvers)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows as JSON."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write rows as CSV."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Metric-versus-NFE plot (PNG)."),
+    grid_out: Optional[Path] = typer.Option(None, "--grid", help="Image grid, one row per solver (PNG)."),
+    inception: Optional[str] = typer.Option(None, "--inception", help="Inception weights for --metric fid."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+):
+    """Compare solvers across NFEs on the same seeds: table, JSON/CSV rows, plot and image grid."""
+    from ..comparison import run_compare
+    from ..recipes import load_recipe
+    names = parse_list(solvers_, "--solvers")
+    nfes = parse_list(nfe, "--nfe", int)
+    metrics = parse_list(metric, "--metric")
+    rec = load_recipe(recipe) if recipe else None
+    folders = [Path(p) for p in parse_list(artifacts_dir, "--artifacts")] if artifacts_dir else [Path("out"), Path("solvers")]
+    began = time.time()
+    comp = run_compare(names, nfes, recipe=rec, model_spec=model, num=num, seed=seed, metrics=metrics,
+                       folders=folders, say=say, progress_factory=progress(quiet), inception=inception)
     for m in metrics:
-        if m not in METRICS:
-            raise BadInput(f"--metric: unknown metric {m!r}; choose from {', '.join(METRICS)}")
-    if any(n < 1 for n in nfes):
-        raise BadInput(f"--nfe: every NFE must be >= 1, got {','.join(map(str, nfes))}")
-    if num < 2:
-        raise BadInput(f"--num: must be >= 2, got {num}")
-    if (recipe is None) == (model_spec is None):
-        raise BadInput("give exactly one of --recipe and --model")
-    for name in names:  # fail fast, before any work
-        base = split_afs(name)[0]
-        if name.endswith((".npz", ".yaml", ".yml")):
-            if not Path(name).is_file():
-                raise BadInput(f"--solvers: no such artifact {name!r}")
-        elif base in METHODS and name.endswith("+afs"):
-            raise BadInput(f"--solvers: {name!r}: +afs applies to handcrafted solvers; a student's AFS is set "
-                           "when it is distilled (student.afs)")
-        elif base not in METHODS:
-            try:
-                get_solver(base)
-            except BadInput:
-                raise BadInput(f"--solvers: unknown solver {name!r}; use a handcrafted solver (see `sdistill "
-                               f"solvers`, +afs for AFS), an artifact path, or one of {', '.join(METHODS)}") from None
-    comp = Comparison()
-    if recipe is not None:
-        from ..sampling import resolve_dtype
-        from .distill import ensure_cache
-        model = resolve(recipe.model.spec, dtype=resolve_dtype(recipe.teacher.compute_dtype))
-        cache, _ = ensure_cache(recipe, model, say, progress_factory)
-        heldout = min(int(recipe.train.get("heldout", 256)), cache.num_samples)
-        if num > heldout:
-            comp.notes.append(f"--num {num} capped at the recipe's {heldout} held-out trajectories")
-            num = heldout
-        idx = np.arange(cache.num_samples - num, cache.num_samples)
-        seeds = [int(s) for s in cache.seeds[idx]]
-        from ..students.common import endpoints
-        ref = endpoints(cache, idx).float()
-        comp.reference = f"teacher cache {recipe.cache_dir()} ({cache.spec['solver']}, {cache.steps} steps)"
-    else:
-        model = resolve(model_spec)
-        seeds = list(range(REFERENCE_SEED if seed is None else seed, (REFERENCE_SEED if seed is None else seed) + num))
-        say(f"computing accurate endpoints: RK4 in log sigma, 256 steps, float64, {num} seeds")
-        ref = reference_endpoints(resolve(model_spec), seeds, steps=256, batch=batch).float()
-        comp.reference = "RK4 in log sigma, 256 steps, float64 (run by compare)"
-    if seed is not None and recipe is not None:
-        comp.notes.append("--seed ignored with --recipe: the held-out seeds of the cache are used")
-    comp.samples = len(seeds)
-    resolver = Resolver(model, recipe, list(folders), say, progress_factory)
-    exact = (model.data_mean().numpy(), model.data_cov().numpy()) if hasattr(model, "data_cov") else None
-    ref_stats = None
-    grid_nfe = grid_nfe or sorted(nfes)[len(nfes) // 2]
-    show = min(8, len(seeds))
-    comp.grid_images["reference"] = ref[:show].numpy()
+        out.print(table(comp, m, names, nfes))
+    for note in comp.notes:
+        say(note)
+    written = write_outputs(comp, json_out, csv_out, plot_out, grid_out)
+    line(f"{comp.samples} seeds; reference: {comp.reference}")
+    line(f"* best per column; NFE = denoiser calls, (Np) = network passes where they differ. "
+         f"{time.time() - began:.1f}s" + (f"; wrote {', '.join(map(str, written))}" if written else ""))
+
+
+def table(comp, metric: str, names: list[str], nfes: list[int]) -> Table:
+    """One metric as solver rows x NFE columns, the best per column marked with *."""
+    t = Table(title=f"{metric} ({'higher' if metric == 'psnr' else 'lower'} is better)")
+    t.add_column("solver")
+    for n in nfes:
+        t.add_column(f"NFE {n}", justify="right")
+    cells = {(r["solver"], r["nfe"]): r for r in comp.rows if r["metric"] == metric}
+    best = comp.best(metric)
     for name in names:
-        for nfe in nfes:
-            solver = resolver(name, nfe)
-            if solver is None:
+        row = [name]
+        for n in nfes:
+            r = cells.get((name, n))
+            if r is None:
+                row.append("-")
                 continue
-            res = generate(model, lambda m, x, c, cb: solver.solve(m, x, c, cb), seeds, batch=batch)
-            x = res.x.float()
-            for metric in metrics:
-                if metric == "rmse":
-                    value = rmse(x, ref)
-                elif metric == "psnr":
-                    value = psnr(x, ref)
-                elif metric == "fd":
-                    if ref_stats is None:
-                        ref_stats = _stats(ref) if exact is None else exact
-                    s = _stats(x)
-                    value = frechet_distance(s[0], s[1], *ref_stats)
-                else:
-                    value = _fid(x, ref, inception)
-                comp.rows.append({"solver": name, "nfe": res.nfe, "network_passes": res.network_passes,
-                                  "metric": metric, "value": value})
-            if nfe == grid_nfe:
-                comp.grid_images[name] = x[:show].numpy()
-    if exact is not None and "fd" in metrics:
-        comp.notes.append("fd: pixel Frechet distance to the exact mixture moments")
-    return comp
+            text = f"{r['value']:.4f}" + (f" ({r['network_passes']}p)" if r["network_passes"] != r["nfe"] else "")
+            row.append(f"[bold green]{text}*[/]" if r["value"] == best.get(n) else text)
+        t.add_row(*row)
+    return t
 
 
-def _stats(x):
-    s = FeatureStats()
-    s.update(x.flatten(1))
-    return s.mean(), s.cov()
-
-
-def _fid(x, ref, inception):
-    from ..fid import InceptionFeatures, inception_path, to_uint8_nchw
-    net = InceptionFeatures(inception_path(inception))
-    a, b = FeatureStats(), FeatureStats()
-    for part in x.split(64):
-        a.update(net(to_uint8_nchw(part)))
-    for part in ref.split(64):
-        b.update(net(to_uint8_nchw(part)))
-    return frechet_distance(a.mean(), a.cov(), b.mean(), b.cov())
-
-
-def write_outputs(comp: Comparison, json_path=None, csv_path=None, plot_path=None, grid_path=None) -> list[Path]:
+def write_outputs(comp, json_path=None, csv_path=None, plot_path=None, grid_path=None) -> list[Path]:
+    """The rows as JSON and CSV, the plot and the image grid, where asked for."""
+    from ..images import as_images, image_grid, save_png
     written = []
     try:
         if json_path:
@@ -221,7 +106,6 @@ def write_outputs(comp: Comparison, json_path=None, csv_path=None, plot_path=Non
             plot(comp, plot_path)
             written.append(Path(plot_path))
         if grid_path and comp.grid_images:
-            from ..outputs import image_grid, save_png
             rows = [as_images(v) for v in comp.grid_images.values()]
             save_png(image_grid(np.concatenate(rows), cols=rows[0].shape[0]), Path(grid_path))
             written.append(Path(grid_path))
@@ -230,20 +114,8 @@ def write_outputs(comp: Comparison, json_path=None, csv_path=None, plot_path=Non
     return written
 
 
-def as_images(x: np.ndarray) -> np.ndarray:
-    """Samples as [N, C, H, W] pictures: images as they are, any other shape as a grey square of its values."""
-    from ..outputs import is_image
-    if is_image(x.shape[1:]):
-        return x
-    flat = x.reshape(len(x), -1)
-    side = math.ceil(math.sqrt(flat.shape[1]))
-    padded = np.zeros((len(x), side * side), dtype=np.float32)
-    padded[:, :flat.shape[1]] = flat
-    big = np.kron(padded.reshape(len(x), 1, side, side), np.ones((1, 1, 8, 8), dtype=np.float32))
-    return big
-
-
-def plot(comp: Comparison, path) -> None:
+def plot(comp, path) -> None:
+    """Metric versus NFE, log-log, one line per solver and one panel per metric."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

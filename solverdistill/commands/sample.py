@@ -1,108 +1,49 @@
-"""`sdistill sample`: sample a model with a handcrafted solver or a solver artifact; write samples.npz and pictures."""
+"""`sdistill sample`: sample with a handcrafted solver or a distilled artifact."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-import torch
+import typer
 
-from .. import __version__, artifacts, students
-from ..errors import BadInput
-from ..models import resolve
-from ..outputs import ensure_dir, save_pictures, write_npz
-from ..sampling import generate, plan, resolve_device, resolve_dtype
-
-DEFAULT_NFE = 10
+from .console import line, progress
 
 
-def is_artifact(solver: str) -> bool:
-    return solver.endswith((".npz", ".yaml", ".yml")) or Path(solver).is_file()
-
-
-def load_solver(solver, model_spec, nfe, schedule, afs, lower_order_final, device, dtype, force):
-    """(denoiser, solver, meta about the solver) for a handcrafted name or an artifact path."""
-    if is_artifact(solver):
-        art = artifacts.load(solver)
-        if schedule is not None:
-            raise BadInput(f"--schedule: {solver} brings its own grid; drop --schedule")
-        if nfe is not None and nfe != int(art.meta["nfe"]):
-            raise BadInput(f"--nfe: {solver} was distilled for NFE {art.meta['nfe']}, not {nfe}; drop --nfe")
-        spec = model_spec or art.meta.get("model")
-        if not spec:
-            raise BadInput(f"--model: required; {solver} does not name its model")
-        den = resolve(spec, device=device, dtype=dtype)
-        artifacts.check_model(art, den.fingerprint, force)
-        method = students.get(art.method)
-        return den, method.load(art, den), {"artifact": str(solver), "method": art.method}
-    if model_spec is None:
-        raise BadInput("--model: required (e.g. --model gmm:cifar); see `sdistill models`")
-    den = resolve(model_spec, device=device, dtype=dtype)
-    p = plan(solver, DEFAULT_NFE if nfe is None else nfe, den.sigma_min, den.sigma_max, schedule, afs,
-             lower_order_final=lower_order_final)
-    return den, p, {"schedule": schedule or p.info.default_schedule}
-
-
-def with_options(spec: str | None, **options) -> str | None:
-    """Append model options given as flags (--prompt, --prompts, --guidance) to a spec's query string."""
-    from urllib.parse import urlencode
-    given = {k: v for k, v in options.items() if v is not None}
-    if spec is None or not given:
-        return spec
-    return spec + ("&" if "?" in spec else "?") + urlencode(given)
-
-
-def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, seed, batch, out_dir: Path,
-               device, dtype, png, progress, force=False, precision="fp32") -> str:
-    if num < 1:
-        raise BadInput(f"--num: must be >= 1, got {num}")
-    if batch < 1:
-        raise BadInput(f"--batch: must be >= 1, got {batch}")
-    torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
-    den, sol, extra = load_solver(solver, model, nfe, schedule, afs, lower_order_final, dev, torch_dtype, force)
-    den.set_precision(precision)
-    out = ensure_dir(out_dir)
-    seeds = list(range(seed, seed + num))
-    grids: list = []  # per-sample grids, for learned solvers whose grid depends on the sample
-
-    def keep_grid(_, info):
-        if isinstance(info["sigma"], torch.Tensor):
-            grids.append((info["i"], info["sigma"].detach().cpu(), info["sigma_next"].detach().cpu()))
-
-    with progress as bar:
-        res = generate(den, lambda m, x, c, cb: sol.solve(m, x, c, cb), seeds, batch=batch, progress=bar,
-                       callback=keep_grid)
-    meta = {"format": "sdistill-samples", "version": __version__, "model": den.spec,
-            "model_fingerprint": den.fingerprint, **sol.describe(), **extra, "nfe": res.nfe,
-            "network_passes": res.network_passes, "precision": precision, "seed": seed, "num": num, "dtype": dtype, "device": str(dev)}
-    arrays = {"x": res.x.numpy(), "z": res.z.numpy(), "seeds": res.seeds}
-    if grids:
-        arrays["grids"] = per_sample_grids(grids, num).numpy()
-        meta["per_sample_grid"] = True
-    shown_x = res.x.numpy()
-    if callable(getattr(den, "decode", None)):  # latent models: x and z are latents, images are decoded
-        with torch.no_grad():
-            arrays["images"] = torch.cat([den.decode(part.to(den.device)).float().cpu()
-                                          for part in res.x.split(batch)]).numpy()
-        shown_x = arrays["images"]
-    write_npz(out / "samples.npz", meta, **arrays)
-    pictures = save_pictures(shown_x, out, png_each=png, title=f"{meta['solver']}, NFE {res.nfe}")
-    shown = ", ".join(str(pth) for pth in [out / "samples.npz", *pictures])
-    return (f"{num} samples, {meta['solver']}, NFE {res.nfe} ({res.network_passes} network passes), "
-            f"{'AFS, ' if meta.get('afs') else ''}{meta.get('steps', '?')} steps -> {shown}")
-
-
-def per_sample_grids(records, num) -> torch.Tensor:
-    """[num, steps + 1] sigmas each sample actually used, from the per-step callback records (batch order)."""
-    rows, current = [], {}
-    for i, sigma, sigma_next in records:
-        if i == 0 and current:
-            rows.append(current)
-            current = {}
-        current[i] = (sigma, sigma_next)
-    rows.append(current)
-    per_batch = []
-    for steps in rows:
-        n = len(steps)
-        per_batch.append(torch.stack([steps[0][0]] + [steps[i][1] for i in range(n)], 1).double())
-    return torch.cat(per_batch)[:num]
+def command(
+    model: Optional[str] = typer.Option(None, "--model", help="Model spec (gmm:cifar, python:mod:fn, a YAML file)."),
+    solver: str = typer.Option("dpm++", "--solver", help="Handcrafted solver name (see `sdistill solvers`) or a "
+                               "solver artifact (.npz/.yaml)."),
+    nfe: Optional[int] = typer.Option(None, "--nfe", help="Denoiser calls per sample (default 10; an artifact "
+                                      "brings its own)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="polynomial[:rho], logsnr, time_uniform[:rho], "
+                                           "or comma-separated sigmas; default: the solver's own."),
+    afs: bool = typer.Option(False, "--afs/--no-afs", help="Analytical first step (saves one NFE)."),
+    lower_order_final: bool = typer.Option(True, "--lower-order-final/--no-lower-order-final",
+                                           help="Multistep solvers drop to lower order on the last steps."),
+    num: int = typer.Option(64, "--num", help="Number of samples."),
+    seed: int = typer.Option(0, "--seed", help="First seed; samples use seeds S..S+num-1."),
+    batch: int = typer.Option(64, "--batch", help="Samples per batch (results do not depend on it)."),
+    out_dir: Path = typer.Option(Path("out/samples"), "--out", help="Output folder."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+    png: bool = typer.Option(False, "--png", help="Also write one PNG per sample (image models)."),
+    force: bool = typer.Option(False, "--force", help="Use an artifact made for another model fingerprint."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (text-conditioned models)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Captions file, one per line; caption i for seed i."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Classifier-free guidance (default 7.5)."),
+    precision: str = typer.Option("fp32", "--precision", help="Network precision: fp32, fp16 or bf16."),
+    class_label: Optional[int] = typer.Option(None, "--class", help="Class-conditional EDM: this class for every "
+                                              "seed (default: drawn per seed)."),
+    round_timesteps: bool = typer.Option(False, "--round-timesteps", help="diffusers models: snap t(sigma) to "
+                                         "integers (default: fractional)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """Sample with a handcrafted solver or a distilled artifact; write samples.npz (+ grid.png/scatter.png)."""
+    from ..samples import run_sample, with_options
+    model = with_options(model, prompt=prompt, prompts=prompts, guidance=guidance,
+                         round_timesteps=1 if round_timesteps else None, **{"class": class_label})
+    line(run_sample(model=model, solver=solver, nfe=nfe, schedule=schedule, afs=afs,
+                    lower_order_final=lower_order_final, num=num, seed=seed, batch=batch, out_dir=out_dir,
+                    device=device, dtype=dtype, png=png, force=force, precision=precision,
+                    progress=progress(quiet)(num, "sampling")))

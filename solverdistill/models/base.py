@@ -1,4 +1,4 @@
-"""The denoiser seam (design.md): every backend becomes `D(x, sigma, cond=None) -> x0_hat`."""
+"""The denoiser seam (docs/extending.md "A model backend"): every backend becomes `D(x, sigma, cond=None) -> x0_hat`."""
 
 from __future__ import annotations
 

@@ -22,7 +22,13 @@ import torch
 from ..errors import BadInput
 from .base import Denoiser
 
-TRUST_ENV = "SDISTILL_TRUST_PICKLE"  # set by `sdistill --trust-pickle`
+_trust_every_pickle = False  # `sdistill --trust-pickle`: for this process only
+
+
+def trust_every_pickle(trust: bool = True) -> None:
+    """Load EDM pickles without an allow-list entry (they run code): what `sdistill --trust-pickle` asks for."""
+    global _trust_every_pickle
+    _trust_every_pickle = trust
 
 
 def allow_list_path() -> Path:
@@ -38,7 +44,7 @@ def sha256_of(path: Path) -> str:
 
 
 def check_trust(path: Path, digest: str) -> None:
-    if os.environ.get(TRUST_ENV) == "1":
+    if _trust_every_pickle:
         return
     allowed = set()
     lst = allow_list_path()

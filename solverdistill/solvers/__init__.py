@@ -1,21 +1,24 @@
-"""Handcrafted solvers by name: what each one is (order, calls per step, default grid) and how NFE maps to steps.
+"""Handcrafted solvers by name (what each is: order, calls per step, default grid), and `Plan`, the `Solver` a
+name becomes once its NFE, grid and options are fixed (docs/solvers.md).
 
-Every solver has the signature `solve(model, x, sigmas, *, cond=None, afs=False, callback=None) -> x` and
-integrates from sigmas[0] to sigmas[-1] (algorithms.md section 3).
+A multistep solver is a table builder run by the stepping core (`multistep.py`); a one-step solver has its own
+short loop (`singlestep.py`). Both integrate from sigmas[0] to sigmas[-1].
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from .. import grids
 from ..errors import BadInput
-from .multistep import (Table, deis_table, dpmpp_table, euler_table, ipndm_table, sample_multistep,
-                        unipc_table)
+from .base import Callback, Solver, Step
+from .multistep import Table, TableSource, run_multistep
 from .singlestep import sample_dpm2, sample_heun
+from .tables import deis_table, dpmpp_table, euler_table, ipndm_table, unipc_table
 
 
 @dataclass(frozen=True)
@@ -25,18 +28,23 @@ class SolverInfo:
     calls_per_step: int
     default_schedule: str
     summary: str
-    table: Callable | None = None        # multistep: sigmas (+ options) -> Table
-    run: Callable | None = None          # single-step solvers: their own loop
+    table: Callable | None = None  # multistep: sigmas (+ options) -> Table
+    run: Callable | None = None  # one-step solvers: their own loop
     aliases: tuple[str, ...] = ()
     options: tuple[str, ...] = field(default=())  # keyword options the table builder takes
 
-    def solve(self, model, x, sigmas, *, cond=None, afs=False, callback=None, **options):
+    def solve(self, model, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None, afs: bool = False,
+              callback: Optional[Callback] = None, on_step: Optional[Callable] = None, **options) -> torch.Tensor:
+        """Integrate x over the grid `sigmas` (the teacher calls this directly; samplers go through a Plan).
+        `on_step` is the stepping core's training hook (multistep solvers only)."""
         if self.table is not None:
-            return sample_multistep(model, x, sigmas, self.make_table(sigmas, **options),
-                                    cond=cond, afs=afs, callback=callback)
+            source = TableSource(self.make_table(sigmas, **options), sigmas)
+            return run_multistep(model, x, source, cond=cond, afs=afs, callback=callback, on_step=on_step)
+        if on_step is not None:
+            raise TypeError(f"{self.name} has its own loop: no on_step hook")
         return self.run(model, x, sigmas, cond=cond, afs=afs, callback=callback)
 
-    def make_table(self, sigmas, **options) -> Table:
+    def make_table(self, sigmas: torch.Tensor, **options) -> Table:
         """Coefficients depend only on the grid: built once per grid and options, not per batch."""
         kept = tuple(sorted((k, v) for k, v in options.items() if k in self.options))
         return _cached_table(self.name, tuple(float(s) for s in sigmas), kept)
@@ -67,6 +75,7 @@ ALIASES: dict[str, str] = {}
 
 
 def register(info: SolverInfo) -> None:
+    """Add a handcrafted solver (docs/extending.md "A handcrafted solver")."""
     SOLVERS[info.name] = info
     for alias in info.aliases:
         ALIASES[alias] = info.name
@@ -87,6 +96,7 @@ register(SolverInfo("deis", 3, 1, "time_uniform:2", "DEIS tAB-3 (polynomial in V
 
 
 def get(name: str) -> SolverInfo:
+    """A solver by name or alias; unknown names are bad input listing the known ones."""
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in SOLVERS:
         names = sorted(set(SOLVERS) | set(ALIASES))
@@ -94,4 +104,53 @@ def get(name: str) -> SolverInfo:
     return SOLVERS[key]
 
 
-__all__ = ["SOLVERS", "SolverInfo", "Table", "get", "register", "sample_multistep"]
+@dataclass
+class Plan:
+    """A handcrafted solver with its NFE, grid and options fixed: the `Solver` that samplers run."""
+
+    info: SolverInfo
+    nfe: int
+    afs: bool
+    sigmas: torch.Tensor
+    options: dict = field(default_factory=dict)
+    passes_per_call: int = 1
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def network_passes(self) -> int:
+        return self.nfe * self.passes_per_call
+
+    def solve(self, model, x: torch.Tensor, cond=None, callback: Optional[Callback] = None) -> torch.Tensor:
+        return self.info.solve(model, x, self.sigmas, cond=cond, afs=self.afs, callback=callback, **self.options)
+
+    def describe(self) -> dict:
+        return {"solver": self.info.name, "nfe": self.nfe, "afs": self.afs, "steps": self.steps,
+                "grid": self.sigmas.tolist(), **self.options}
+
+
+def plan(solver: str, nfe: int, model, schedule: str | None = None, afs: bool = False, **options) -> Plan:
+    """Solver `solver` at `nfe` denoiser calls on `model`'s sigma range: its default grid unless `schedule`."""
+    info = get(solver)
+    steps = info.steps_for(nfe, afs)
+    sigmas = grids.make_grid(schedule or info.default_schedule, steps, model.sigma_min, model.sigma_max)
+    return Plan(info, nfe, afs, sigmas, {k: v for k, v in options.items() if k in info.options},
+                int(getattr(model, "passes_per_call", 1)))
+
+
+def sweep(nfe: int, model) -> dict[str, Plan]:
+    """Every handcrafted solver on its default grid, with and without AFS, that can run at this NFE: the
+    baselines a student is measured against, keyed `name` or `name+afs`."""
+    out = {}
+    for name in SOLVERS:
+        for afs in (False, True):
+            try:
+                out[f"{name}{'+afs' if afs else ''}"] = plan(name, nfe, model, afs=afs)
+            except BadInput:
+                continue  # e.g. heun at an odd NFE without AFS
+    return out
+
+
+__all__ = ["ALIASES", "SOLVERS", "Plan", "Solver", "SolverInfo", "Step", "Table", "get", "plan", "register", "sweep"]

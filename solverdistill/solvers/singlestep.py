@@ -1,11 +1,16 @@
-"""Two-call-per-step solvers (algorithms.md section 3), written out like k-diffusion's sampling.py.
-The grid ends at sigma_min, so every step takes its second evaluation (no final Euler step)."""
+"""One-step solvers, written out like k-diffusion's sampling.py (docs/solvers.md): Heun and DPM-Solver-2 (two
+calls per step), and RK4 in log sigma, the accurate reference that `compare --model` measures against.
+
+The grid ends at sigma_min, so every two-call step takes its second evaluation (no final Euler step).
+"""
 
 from __future__ import annotations
 
 import math
 
-from .common import call, denoise, report
+import torch
+
+from .base import call, denoise, report
 
 
 def sample_heun(model, x, sigmas, *, cond=None, afs=False, callback=None):
@@ -33,3 +38,41 @@ def sample_dpm2(model, x, sigmas, *, cond=None, afs=False, callback=None):
         d_mid = (x_mid - call(model, x_mid, s_mid, cond)) / s_mid
         x = x + (s[i + 1] - s[i]) * d_mid
     return x
+
+
+def rk4_logsigma(model, x: torch.Tensor, sigma_max: float, sigma_min: float, steps: int = 1024, cond=None,
+                 callback=None) -> torch.Tensor:
+    """Classic RK4 on dx/du = x - D(x, e^u), u = log sigma, `steps` equal steps (4 calls each). A one-step method
+    keeps its full order from the first step (a multistep one starts at first order): error ~ steps^-4."""
+    u0, u1 = math.log(sigma_max), math.log(sigma_min)
+    h = (u1 - u0) / steps
+
+    def f(x, u):
+        return x - call(model, x, math.exp(u), cond)
+
+    for i in range(steps):
+        u = u0 + i * h
+        k1 = f(x, u)
+        report(callback, i, math.exp(u), math.exp(u + h), x, x - k1)
+        k2 = f(x + h / 2 * k1, u + h / 2)
+        k3 = f(x + h / 2 * k2, u + h / 2)
+        k4 = f(x + h * k3, u + h)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+class RK4Reference:
+    """RK4 in log sigma from the model's sigma_max to its sigma_min: a `Solver`, used as the accurate reference."""
+
+    afs = False
+
+    def __init__(self, model, steps: int = 256):
+        self.sigma_max, self.sigma_min, self.steps = float(model.sigma_max), float(model.sigma_min), steps
+        self.nfe = 4 * steps
+        self.network_passes = self.nfe * int(getattr(model, "passes_per_call", 1))
+
+    def solve(self, model, x, cond=None, callback=None):
+        return rk4_logsigma(model, x, self.sigma_max, self.sigma_min, self.steps, cond=cond, callback=callback)
+
+    def describe(self) -> dict:
+        return {"solver": "rk4-logsigma", "nfe": self.nfe, "afs": False, "steps": self.steps}

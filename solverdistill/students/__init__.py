@@ -1,57 +1,115 @@
-"""The student plugin seam (design.md "Student method"): `fit(cache, denoiser, config) -> Artifact` and
-`load(artifact, denoiser) -> solver`. DLMS, D-ODE and SFD are plugins; a new method is one `register` call
-(or an entry point in the group `solverdistill.students`) and touches no engine code.
-
-A loaded solver, like a handcrafted `sampling.Plan`, has `nfe`, `afs`, `describe()` and
-`solve(model, x, cond=None, callback=None)`, so `sample` and `compare` never special-case a method.
+"""The student plugin seam (docs/extending.md "A student method"): a `Method` fits an artifact from a teacher
+cache and loads an artifact back as a `Solver`. DLMS, D-ODE and SFD are plugins; a new method is one `register`
+call, or an entry point in the group `solverdistill.students`, and touches no engine code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional, Protocol
 
+from ..artifacts import Artifact
 from ..errors import BadInput
 from ..recipes import build_section
+from ..solvers.base import Solver
+
+
+@dataclass
+class TrainSection:
+    """The `train` keys every method has; a method's own train dataclass subclasses this."""
+
+    samples: int = field(default=0, metadata={"min": 0})  # fitting trajectories; 0 = all not held out
+    heldout: int = field(default=256, metadata={"min": 1})  # trajectories kept back for the reported metrics
+    device: str = "auto"
+
+
+class Fit(Protocol):
+    def __call__(self, cache, model, student: Any, train: Any, progress: Optional[Callable] = None) -> Artifact: ...
+
+
+class Load(Protocol):
+    def __call__(self, artifact: Artifact, model) -> Solver: ...
 
 
 @dataclass
 class Method:
+    """A student method. `student_section` is the dataclass of the recipe's `student` keys (with `method` and
+    `nfe`), `train_section` that of its `train` keys (a `TrainSection`); `work(student, train)` is the number
+    of progress ticks `fit` makes; `untrained(artifact)` is the same artifact before training (its base solver
+    or initial rule), the yardstick `distill` reports beside the student."""
+
     name: str
-    student_section: type      # dataclass of the recipe's `student` keys (method, nfe, ...)
-    train_section: type        # dataclass of the recipe's `train` keys
-    fit: Callable              # (cache, model, student_cfg, train_cfg, progress) -> Artifact
-    load: Callable             # (artifact, model) -> solver
-    untrained: Callable        # artifact -> the same artifact before training (base solver / initial rule)
+    student_section: type
+    train_section: type
+    fit: Fit
+    load: Load
+    untrained: Callable[[Artifact], Artifact]
     summary: str = ""
+    work: Callable[[Any, Any], int] = lambda student, train: 1
+
+    def configs(self, student: dict, train: dict) -> tuple[Any, Any]:
+        """Validate a recipe's `student` and `train` sections against this method's keys."""
+        return (build_section(self.student_section, student, "student"),
+                build_section(self.train_section, train, "train"))
+
+    def keys(self) -> tuple[set[str], set[str]]:
+        """The student and train keys this method knows."""
+        return {f.name for f in fields(self.student_section)}, {f.name for f in fields(self.train_section)}
 
 
 METHODS: dict[str, Method] = {}
+_loaded = False
 
 
 def register(method: Method) -> None:
+    """Add a student method under `method.name`."""
     METHODS[method.name] = method
 
 
-def _builtins() -> None:
+def _load_all() -> None:
+    """The built-ins and entry-point plugins, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
     from . import dlms, dode, sfd  # noqa: F401  (each registers itself)
-    try:
-        from importlib.metadata import entry_points
-        for ep in entry_points(group="solverdistill.students"):
-            if ep.name not in METHODS:
-                register(ep.load())
-    except Exception:  # a broken third-party plugin must not break the built-in methods
-        pass
+    from importlib.metadata import entry_points
+    for ep in entry_points(group="solverdistill.students"):
+        if ep.name in METHODS:
+            continue
+        try:
+            method = ep.load()
+        except Exception as e:  # a broken third-party plugin must not break the built-in methods
+            import warnings
+            warnings.warn(f"student plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+            continue
+        register(method)
+
+
+def names() -> list[str]:
+    """Every registered method, built-in or plugin."""
+    _load_all()
+    return sorted(METHODS)
 
 
 def get(name: str) -> Method:
-    if name not in METHODS:  # load the built-ins and plugins once, whatever was imported before
-        _builtins()
+    """A method by name; unknown names are bad input listing the known ones."""
     if name not in METHODS:
-        raise BadInput(f"student.method: unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+        _load_all()
+    if name not in METHODS:
+        raise BadInput(f"student.method: unknown method {name!r}; choose one of {', '.join(names())}")
     return METHODS[name]
 
 
-def configs(method: Method, student: dict, train: dict):
-    """Validate the recipe's `student` and `train` sections against the method's own keys."""
-    return build_section(method.student_section, student, "student"), build_section(method.train_section, train, "train")
+def stored_settings(artifact: Artifact, cls: type):
+    """The student settings an artifact stores in `meta.student`, validated like a recipe section."""
+    raw = artifact.meta.get("student")
+    if not isinstance(raw, dict):
+        raise BadInput(f"{artifact.path}: meta.student (the {artifact.method} settings) is missing")
+    try:
+        return build_section(cls, raw, "meta.student")
+    except BadInput as e:
+        raise BadInput(f"{artifact.path}: {e}") from None
+
+
+__all__ = ["METHODS", "Method", "TrainSection", "get", "names", "register", "stored_settings"]

@@ -1,4 +1,4 @@
-"""DLMS: a learned linear multistep solver (algorithms.md section 5.2). The reference implementation.
+"""DLMS: a learned linear multistep solver (docs/students.md "DLMS"). The reference implementation.
 
 Step n (from t_{n-1} to t_n), data form of the first-order exponential integrator:
 
@@ -10,6 +10,9 @@ Coefficients are offsets from an initial rule with sum_j a_{n,j} = 1 by construc
 of the remaining log-sigma interval (monotone by construction, the last step lands on t_min); k_n in
 [1 - r, 1 + r] scales the time the model is queried at. Heads start at zero, so the untrained student is the
 initial rule on the initial grid exactly. Every part can be switched off for ablations.
+
+The student is a coefficient source for the stepping core (solvers/multistep.py): in its terms
+a_n = t_n / t_{n-1} and b_{n,j} = (1 - a_n) a_{n,j}, per sample.
 """
 
 from __future__ import annotations
@@ -27,12 +30,11 @@ from torch import nn
 from .. import grids
 from ..artifacts import Artifact, new_meta
 from ..errors import BadInput
-from ..solvers.common import afs_denoised
-from ..solvers.multistep import dpmpp_table
-from . import Method, register
-from .common import endpoints, split, start, stored_settings
+from ..evaluation import cache_endpoints, rmse
+from ..solvers.multistep import CoefficientSource, Weights, run_multistep
+from ..solvers.tables import ADAMS_BASHFORTH, dpmpp_table
+from . import Method, TrainSection, register, stored_settings
 
-PLMS = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 FEATURES = 64
 
 
@@ -52,15 +54,13 @@ class DLMSStudent:
 
 
 @dataclass
-class DLMSTrain:
+class DLMSTrain(TrainSection):
     lr: float = field(default=5e-3, metadata={"min": 0.0})
     lr_decay: str = field(default="none", metadata={"choices": ("cosine", "none")})
     clip: float = field(default=0.0, metadata={"min": 0.0})   # gradient-norm clipping; 0 = off
     restarts: int = field(default=1, metadata={"min": 1})     # independent runs; the best by validation is kept
     batch: int = field(default=64, metadata={"min": 1})
     iterations: int = field(default=300, metadata={"min": 0})
-    samples: int = field(default=0, metadata={"min": 0})      # 0: every cached trajectory not held out
-    heldout: int = field(default=256, metadata={"min": 1})
     validation: int = field(default=64, metadata={"min": 1})  # taken from the training pool, for early stopping
     loss: str = field(default="both", metadata={"choices": ("trajectory", "endpoint", "both")})
     final_weight: float = field(default=3.0, metadata={"min": 0.0})
@@ -68,7 +68,6 @@ class DLMSTrain:
     eval_every: int = field(default=25, metadata={"min": 1})
     patience: int = field(default=0, metadata={"min": 0})     # evaluations without improvement before stopping
     seed: int = 0
-    device: str = "auto"
 
 
 def initial_coefficients(grid: torch.Tensor, order: int, init: str, afs: bool) -> torch.Tensor:
@@ -77,7 +76,7 @@ def initial_coefficients(grid: torch.Tensor, order: int, init: str, afs: bool) -
     a = torch.zeros(n, order, dtype=torch.float64)
     if init == "plms":
         for i in range(n):
-            row = PLMS[min(i + 1, order, 4) - 1]
+            row = ADAMS_BASHFORTH[min(i + 1, order, 4) - 1]
             a[i, :len(row)] = torch.tensor(row)
     else:
         # dpm++3m's update is x' = (t'/t) x + sum_j b_j D_j with sum_j b_j = 1 - t'/t: divide to get weights.
@@ -154,9 +153,16 @@ class DLMS(nn.Module):
         self.register_buffer("mask", mask)
         self.designer = NetworkDesigner(cfg.order) if cfg.designer == "network" else GlobalDesigner(cfg.order, steps)
 
+    per_sample_grid = True  # the callback's sigmas differ per sample: `sample` stores them
+    passes_per_call = 1  # set by `load` from the model
+
     @property
     def nfe(self) -> int:
         return self.cfg.nfe
+
+    @property
+    def network_passes(self) -> int:
+        return self.nfe * self.passes_per_call
 
     @property
     def afs(self) -> bool:
@@ -192,48 +198,70 @@ class DLMS(nn.Module):
             k_next = torch.ones_like(t)
         return coefs, t_next, k_next
 
-    def solve(self, model, x, cond=None, callback=None, step_loss=None, window: int = 0):
-        """Sample (or, with `step_loss(n, t_n, x_n) -> scalar`, train: backward per window of steps, the state
-        and history detached between windows). Returns x at t_min; per-sample grids go to the callback."""
-        b, dt = x.shape[0], x.dtype
-        view = (b,) + (1,) * (x.ndim - 1)
-        t = torch.full((b,), float(self.init_grid[0]), dtype=dt, device=x.device)
-        k = torch.ones_like(t)
-        hist, pending, self.last_loss = [], None, 0.0
-        for n in range(self.steps):
-            if n == 0 and self.cfg.afs:
-                den = afs_denoised(x, float(self.init_grid[0]))
-            else:
-                den = model(x, k * t, cond)
-            hist = [den] + hist[:self.order - 1]
-            raw = self.designer(self.features(model, den, called=not (n == 0 and self.cfg.afs)).to(dt), t, n)
-            coefs, t_next, k_next = self.rule(raw, t, n)
-            d_hat = sum(coefs[:, j].view(view) * h for j, h in enumerate(hist))
-            ratio = (t_next / t).view(view)
-            if callback is not None:
-                callback({"i": n, "sigma": t, "sigma_next": t_next, "x": x, "denoised": den})
-            x = ratio * x + (1 - ratio) * d_hat
-            t, k = t_next, k_next
-            if step_loss is not None:
-                term = step_loss(n, t, x)
-                if term is not None:
-                    pending = term if pending is None else pending + term
-                if (window and (n + 1) % window == 0) or n == self.steps - 1:
-                    if pending is not None:
-                        if pending.requires_grad:
-                            pending.backward()
-                        self.last_loss += float(pending.detach())
-                    pending = None
-                    x, t, k = x.detach(), t.detach(), k.detach()
-                    hist = [h.detach() for h in hist]
-        return x
+    def solve(self, model, x, cond=None, callback=None):
+        """Sample: the stepping core fed by this student's rule. Returns x at t_min; the callback sees each
+        sample's own times."""
+        return run_multistep(model, x, Rule(self, model, x), cond=cond, afs=self.cfg.afs, callback=callback)
+
+    def train_pass(self, model, x, cond, step_loss, window: int = 0) -> float:
+        """One training trajectory: `step_loss(n, t_n, x_n)` (a scalar or None) after each step, backward once
+        per window of `window` steps (0: the whole trajectory), the graph cut between windows. Returns the loss."""
+        pending, total = None, 0.0
+
+        def on_step(n, t_next, x_next) -> bool:
+            nonlocal pending, total
+            term = step_loss(n, t_next, x_next)
+            if term is not None:
+                pending = term if pending is None else pending + term
+            if not ((window and (n + 1) % window == 0) or n == self.steps - 1):
+                return False
+            if pending is not None:
+                if pending.requires_grad:
+                    pending.backward()
+                total += float(pending.detach())
+            pending = None
+            return True
+
+        run_multistep(model, x, Rule(self, model, x), cond=cond, afs=self.cfg.afs, on_step=on_step)
+        return total
 
     def describe(self) -> dict:
         return {"solver": "dlms", "nfe": self.nfe, "afs": self.afs, "steps": self.steps,
                 "grid": self.init_grid.tolist(), **{k: v for k, v in asdict(self.cfg).items() if k != "method"}}
 
 
-def _loss_fn(cache, idx, s: DLMSStudent, t: DLMSTrain, steps: int, device):
+class Rule(CoefficientSource):
+    """DLMS as a coefficient source for one batch: each sample's time t and time scale k, advanced by the
+    designer after every denoiser output."""
+
+    def __init__(self, student: DLMS, model, x: torch.Tensor):
+        self.student, self.model = student, model
+        self.steps, self.history = student.steps, student.order
+        self.t = torch.full((x.shape[0],), float(student.init_grid[0]), dtype=x.dtype, device=x.device)
+        self.k = torch.ones_like(self.t)
+
+    def first_sigma(self) -> float:
+        return float(self.student.init_grid[0])
+
+    def sigma(self, i: int) -> torch.Tensor:
+        return self.t
+
+    def query(self, i: int) -> torch.Tensor:
+        return self.k * self.t
+
+    def weights(self, i: int, denoised: torch.Tensor, called: bool) -> Weights:
+        s, t = self.student, self.t
+        raw = s.designer(s.features(self.model, denoised, called=called).to(t.dtype), t, i)
+        coefs, t_next, k_next = s.rule(raw, t, i)
+        ratio = t_next / t
+        self.t, self.k = t_next, k_next
+        return Weights(ratio, [(1 - ratio) * coefs[:, j] for j in range(coefs.shape[1])], [], t_next)
+
+    def detach(self) -> None:
+        self.t, self.k = self.t.detach(), self.k.detach()
+
+
+def _loss_fn(cache, idx, s: DLMSStudent, t: DLMSTrain, steps: int):
     weights = np.zeros(steps)
     if t.loss in ("trajectory", "both"):
         weights[:] = 1.0
@@ -271,23 +299,18 @@ def train_once(student: DLMS, model, cache, train_idx, val_idx, s: DLMSStudent, 
     torch.manual_seed(seed)
     opt = torch.optim.Adam(student.designer.parameters(), lr=t.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(t.iterations, 1)) if t.lr_decay == "cosine" else None
-    target_end = endpoints(cache, val_idx)
+    target_end = cache.endpoints(val_idx)
 
     def evaluate():
-        with torch.no_grad():
-            out = torch.cat([student.solve(model, *start(cache, val_idx[i:i + 256], model)).double().cpu()
-                             for i in range(0, len(val_idx), 256)])
-        return (out - target_end).pow(2).mean().sqrt().item()
+        return rmse(cache_endpoints(student, model, cache, val_idx), target_end)
 
     history = [(0, evaluate())]
     best, best_state, stale, skipped, it = history[0][1], copy.deepcopy(student.state_dict()), 0, 0, 0
     for it in range(1, t.iterations + 1):
         idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
         opt.zero_grad(set_to_none=True)
-        x, cond = start(cache, idx, model)
-        student.solve(model, x, cond, step_loss=_loss_fn(cache, idx, s, t, student.steps, model.device),
-                      window=t.window)
-        loss = student.last_loss
+        x, cond = cache.start(idx, model)
+        loss = student.train_pass(model, x, cond, _loss_fn(cache, idx, s, t, student.steps), window=t.window)
         grads = [p.grad for p in student.designer.parameters() if p.grad is not None]
         if not math.isfinite(loss) or any(not torch.isfinite(g).all() for g in grads):
             skipped += 1  # NaN guard: skip the step, count it, report it
@@ -316,7 +339,7 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
     if s.order > 4 and s.init == "plms":
         raise BadInput(f"student.order: plms init has coefficients up to order 4, got {s.order}")
     grid = initial_grid(s, model.sigma_min, model.sigma_max)
-    train_idx, _ = split(cache, t.samples, t.heldout)
+    train_idx, _ = cache.split(t.samples, t.heldout)
     if t.validation >= len(train_idx):
         raise BadInput(f"train.validation: {t.validation} leaves no training trajectories out of {len(train_idx)}")
     # Model selection uses its own validation trajectories, never the held-out ones the metrics report.
@@ -341,7 +364,7 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
     return Artifact(meta, arrays)
 
 
-def load(artifact: Artifact, model=None) -> DLMS:
+def load(artifact: Artifact, model) -> DLMS:
     cfg = stored_settings(artifact, DLMSStudent)
     grid = artifact.array("init_grid", ndim=1)
     steps = cfg.nfe + (1 if cfg.afs else 0)
@@ -355,9 +378,8 @@ def load(artifact: Artifact, model=None) -> DLMS:
         arr = artifact.array(f"designer.{name}", shape=tuple(ref.shape))
         state[name] = torch.from_numpy(arr)
     student.designer.load_state_dict(state)
-    if model is not None:
-        student.to(device=model.device, dtype=model.dtype)
-    return student
+    student.passes_per_call = int(model.passes_per_call)
+    return student.to(device=model.device, dtype=model.dtype)
 
 
 def untrained(artifact: Artifact) -> Artifact:
@@ -368,4 +390,4 @@ def untrained(artifact: Artifact) -> Artifact:
 
 
 register(Method("dlms", DLMSStudent, DLMSTrain, fit, load, untrained,
-                "learned multistep coefficients, grid and time scaling"))
+                "learned multistep coefficients, grid and time scaling", work=lambda s, t: t.iterations * t.restarts))

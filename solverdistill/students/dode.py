@@ -1,4 +1,4 @@
-"""D-ODE: one scalar per denoiser call, fitted in closed form (algorithms.md section 5.1).
+"""D-ODE: one scalar per denoiser call, fitted in closed form (docs/students.md "D-ODE").
 
 Call k's output becomes D~_k = D_k + lam_k (D_k - D_{k-1}); lam = 0 is the base solver. The correction is a
 denoiser wrapper, so it works over every handcrafted solver without touching them. The state that the next
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import sampling
 from ..artifacts import Artifact, new_meta
+from ..errors import BadInput
+from ..solvers import Plan, plan
 from ..solvers import get as get_solver
-from . import Method, register
-from .common import endpoints, split, start
+from . import Method, TrainSection, register
 
 
 @dataclass
@@ -33,11 +33,9 @@ class DODEStudent:
 
 
 @dataclass
-class DODETrain:
-    samples: int = field(default=100, metadata={"min": 1})   # fitting trajectories (100 is enough)
+class DODETrain(TrainSection):
+    samples: int = field(default=100, metadata={"min": 1})  # fitting trajectories (100 is enough)
     batch: int = field(default=100, metadata={"min": 1})
-    heldout: int = field(default=256, metadata={"min": 1})
-    device: str = "auto"
 
 
 class Landed(Exception):
@@ -68,9 +66,15 @@ class Extrapolated:
 
 
 class DODESolver:
-    def __init__(self, base: sampling.Plan, lams):
+    """The base solver run on the extrapolated denoiser: a `Solver`."""
+
+    def __init__(self, base: Plan, lams):
         self.base, self.lams = base, [float(v) for v in lams]
         self.nfe, self.afs = base.nfe, base.afs
+
+    @property
+    def network_passes(self) -> int:
+        return self.base.network_passes
 
     def solve(self, model, x, cond=None, callback=None):
         return self.base.solve(Extrapolated(model, self.lams), x, cond, callback)
@@ -79,7 +83,7 @@ class DODESolver:
         return {**self.base.describe(), "solver": f"dode[{self.base.info.name}]", "lambdas": self.lams}
 
 
-def landing(base: sampling.Plan, model, x, lams, k, cond=None):
+def landing(base: Plan, model, x, lams, k, cond=None):
     """The state the call after call k sees (and its sigma), or the final state at sigma_min."""
     try:
         out = base.solve(Extrapolated(model, lams, stop_at=k + 1), x, cond)
@@ -92,7 +96,7 @@ def closed_form(base, model, cache, batches, fixed: list[float], k: int) -> floa
     """lam_k = <e, r> / <e, e> over all fitting samples, with lams before k fixed (float64 sums)."""
     er = ee = 0.0
     for idx in batches:
-        x, cond = start(cache, idx, model)
+        x, cond = cache.start(idx, model)
         x0, sig = landing(base, model, x, fixed + [0.0], k, cond)
         x1, _ = landing(base, model, x, fixed + [1.0], k, cond)
         target = cache.states_at(idx, sig[:, None].cpu(), dtype=torch.float64)[:, 0]
@@ -105,14 +109,13 @@ def closed_form(base, model, cache, batches, fixed: list[float], k: int) -> floa
 
 def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
     began = time.time()
-    base = sampling.plan(s.base, s.nfe, model.sigma_min, model.sigma_max, s.schedule or None, s.afs,
-                         lower_order_final=s.lower_order_final)
-    train_idx, _ = split(cache, t.samples, t.heldout)
+    base = plan(s.base, s.nfe, model, s.schedule or None, s.afs, lower_order_final=s.lower_order_final)
+    train_idx, _ = cache.split(t.samples, t.heldout)
     batches = [train_idx[b:b + t.batch] for b in range(0, len(train_idx), t.batch)]
-    final = [endpoints(cache, idx) for idx in batches]
+    final = [cache.endpoints(idx) for idx in batches]
 
     def endpoint_error(lams):
-        return sum(float((base.solve(Extrapolated(model, lams), *start(cache, idx, model)).double().cpu()
+        return sum(float((base.solve(Extrapolated(model, lams), *cache.start(idx, model)).double().cpu()
                           - f).pow(2).sum()) for idx, f in zip(batches, final))
 
     lams, rejected = [0.0] * s.nfe, 0
@@ -138,7 +141,7 @@ def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
     return Artifact(meta, {"lambdas": np.array(lams), "grid": base.sigmas.numpy()})
 
 
-def load(artifact: Artifact, model=None) -> DODESolver:
+def load(artifact: Artifact, model) -> DODESolver:
     meta = artifact.meta
     nfe = int(meta["nfe"])
     lams = artifact.array("lambdas", shape=(nfe,))
@@ -147,11 +150,10 @@ def load(artifact: Artifact, model=None) -> DODESolver:
     afs = bool(meta.get("afs", False))
     steps = info.steps_for(nfe, afs)
     if len(grid) != steps + 1 or np.any(np.diff(grid) >= 0):
-        from ..errors import BadInput
         raise BadInput(f"{artifact.path}: array 'grid' must hold {steps + 1} decreasing sigmas for "
                        f"{info.name} at NFE {nfe}")
     options = {k: v for k, v in (meta.get("options") or {}).items() if k in info.options}
-    base = sampling.Plan(info, nfe, afs, torch.tensor(grid, dtype=torch.float64), options)
+    base = Plan(info, nfe, afs, torch.tensor(grid, dtype=torch.float64), options, int(model.passes_per_call))
     return DODESolver(base, lams)
 
 
@@ -160,4 +162,5 @@ def untrained(artifact: Artifact) -> Artifact:
                     artifact.path)
 
 
-register(Method("dode", DODEStudent, DODETrain, fit, load, untrained, "one scalar per denoiser call, closed form"))
+register(Method("dode", DODEStudent, DODETrain, fit, load, untrained, "one scalar per denoiser call, closed form",
+                work=lambda s, t: s.nfe))

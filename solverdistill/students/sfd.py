@@ -1,4 +1,4 @@
-"""SFD and SFD-v: fine-tune the network itself for few-step sampling (algorithms.md section 5.3).
+"""SFD and SFD-v: fine-tune the network itself for few-step sampling (docs/students.md "SFD").
 
 The student is a copy of the denoiser's network sampled with euler + AFS on a polynomial (rho 7) grid over
 [0.006, 80] (clipped to the model's range). For every student step: one euler step from the student's own detached
@@ -6,6 +6,8 @@ state, L1 to the teacher state at the next sigma (summed over elements, averaged
 zeroed, one Adam step; then continue from the student's output. lr x0.1 at half of training; optional EMA.
 SFD-v trains one network for several NFEs, telling it the number of steps through a step condition (only for
 networks that accept one). Teacher states come from the teacher cache (Hermite between its grid points).
+Training and sampling both run euler through the stepping core (solvers/multistep.py); training takes its
+optimiser step in the core's per-step hook and cuts the graph after every step.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import torch
 from .. import grids
 from ..artifacts import Artifact, new_meta
 from ..errors import BadInput
-from ..solvers.common import afs_denoised
-from . import Method, register
-from .common import split, start, stored_settings
+from ..solvers import Plan
+from ..solvers import get as get_solver
+from . import Method, TrainSection, register, stored_settings
 
 
 @dataclass
@@ -38,15 +40,12 @@ class SFDStudent:
 
 
 @dataclass
-class SFDTrain:
+class SFDTrain(TrainSection):
     lr: float = field(default=5e-5, metadata={"min": 0.0})
     batch: int = field(default=32, metadata={"min": 1})
     iterations: int = field(default=200, metadata={"min": 1})
-    samples: int = field(default=0, metadata={"min": 0})
-    heldout: int = field(default=256, metadata={"min": 1})
-    ema: float = field(default=0.0, metadata={"min": 0.0})   # EMA decay of the weights; 0 = off
+    ema: float = field(default=0.0, metadata={"min": 0.0})  # EMA decay of the weights; 0 = off
     seed: int = 0
-    device: str = "auto"
 
 
 def student_grid(s: SFDStudent, model, nfe: int) -> torch.Tensor:
@@ -66,10 +65,9 @@ def nfes_of(s: SFDStudent) -> list[int]:
     return values
 
 
-def euler_step(den, x, s, s_next, cond, afs_now: bool):
-    d = (x - (afs_denoised(x, s) if afs_now else den(x, torch.full((x.shape[0],), s, dtype=x.dtype,
-                                                                       device=x.device), cond))) / s
-    return x + (s_next - s) * d
+def euler_plan(s: SFDStudent, grid: torch.Tensor, nfe: int, passes_per_call: int = 1) -> Plan:
+    """The student's sampler: euler (+ AFS) on its grid."""
+    return Plan(get_solver("euler"), nfe, s.afs, grid, {}, passes_per_call)
 
 
 def set_step(den, steps: int | None) -> None:
@@ -82,23 +80,30 @@ def set_step(den, steps: int | None) -> None:
 class SFDSolver:
     """Euler (+ AFS) on the stored grid with the fine-tuned network; counts calls on the caller's counter."""
 
-    def __init__(self, den, grid: torch.Tensor, nfe: int, afs: bool, step_condition: int | None):
-        self.den, self.grid, self.nfe, self.afs, self.step_condition = den, grid, nfe, afs, step_condition
+    def __init__(self, den, settings: SFDStudent, grid: torch.Tensor, nfe: int, step_condition: int | None):
+        self.den, self.settings, self.step_condition = den, settings, step_condition
+        self.plan = euler_plan(settings, grid, nfe, int(den.passes_per_call))
+        self.nfe, self.afs = nfe, settings.afs
+
+    @property
+    def network_passes(self) -> int:
+        return self.plan.network_passes
+
+    def at_nfe(self, nfe: int) -> "SFDSolver":
+        """SFD-v: the same network at another NFE (its own grid, told the number of steps)."""
+        if not self.settings.variable:
+            raise BadInput(f"an SFD student is tuned for NFE {self.nfe}; only SFD-v (student.variable) takes another")
+        return SFDSolver(self.den, self.settings, student_grid(self.settings, self.den, nfe), nfe, nfe)
 
     def solve(self, model, x, cond=None, callback=None):
         den = model.with_model(self.den) if hasattr(model, "with_model") else self.den
         set_step(self.den, self.step_condition)
-        s = self.grid.tolist()
         with torch.no_grad():
-            for i in range(len(s) - 1):
-                x = euler_step(den, x, s[i], s[i + 1], cond, self.afs and i == 0)
-                if callback is not None:
-                    callback({"i": i, "sigma": s[i], "sigma_next": s[i + 1], "x": x, "denoised": None})
-        return x
+            return self.plan.solve(den, x, cond, callback)
 
     def describe(self) -> dict:
-        return {"solver": "sfd", "nfe": self.nfe, "afs": self.afs, "steps": len(self.grid) - 1,
-                "grid": self.grid.tolist()}
+        return {"solver": "sfd", "nfe": self.nfe, "afs": self.afs, "steps": self.plan.steps,
+                "grid": self.plan.sigmas.tolist()}
 
 
 def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
@@ -112,7 +117,7 @@ def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
     net = student.net.train().requires_grad_(True)
     ema = copy.deepcopy(net).requires_grad_(False) if t.ema else None
     opt = torch.optim.Adam(net.parameters(), lr=t.lr, betas=(0.9, 0.999))
-    train_idx, _ = split(cache, t.samples, t.heldout)
+    train_idx, _ = cache.split(t.samples, t.heldout)
     rng = np.random.default_rng(t.seed)
     torch.manual_seed(t.seed)
     losses, cleaned = [], 0
@@ -122,17 +127,18 @@ def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
                 g["lr"] = t.lr * 0.1
         nfe = int(rng.choice(nfes))
         set_step(student, nfe if s.variable else None)
-        grid = student_grid(s, model, nfe).tolist()
+        grid = student_grid(s, model, nfe)
         idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
-        x, cond = start(cache, idx, model)
-        targets = cache.states_at(idx, np.array(grid[1:]), dtype=x.dtype, device=x.device)
+        x, cond = cache.start(idx, model)
+        targets = cache.states_at(idx, grid[1:].numpy(), dtype=x.dtype, device=x.device)
         total = 0.0
-        for k in range(len(grid) - 1):
-            afs_now = s.afs and k == 0
-            out = euler_step(student, x.detach(), grid[k], grid[k + 1], cond, afs_now)
-            if afs_now:  # no network in the AFS step: nothing to train, continue from its output
-                x = out.detach()
-                continue
+
+        def train_step(k, sigma_next, out) -> bool:
+            """After student step k: L1 to the teacher, one Adam step; always cut the graph (the next step
+            starts from the student's own detached state)."""
+            nonlocal total, cleaned
+            if s.afs and k == 0:  # no network in the AFS step: nothing to train
+                return True
             loss = (out - targets[:, k]).abs().flatten(1).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -146,7 +152,10 @@ def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
                     for pe, p in zip(ema.parameters(), net.parameters()):
                         pe.lerp_(p, 1 - t.ema)
             total += float(loss.detach())
-            x = out.detach()
+            return True
+
+        euler = euler_plan(s, grid, nfe)
+        euler.info.solve(student, x, euler.sigmas, cond=cond, afs=s.afs, on_step=train_step)
         losses.append(total)
         if progress:
             progress(1, info=f"L1 {total:.3e} (NFE {nfe})")
@@ -162,7 +171,7 @@ def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
     return Artifact(meta, arrays)
 
 
-def load(artifact: Artifact, model=None, nfe: int | None = None) -> SFDSolver:
+def load(artifact: Artifact, model) -> SFDSolver:
     s = stored_settings(artifact, SFDStudent)
     if model is None or model.net is None:
         raise BadInput(f"{artifact.path}: an SFD artifact needs its model ({artifact.meta.get('model')})")
@@ -177,9 +186,8 @@ def load(artifact: Artifact, model=None, nfe: int | None = None) -> SFDSolver:
             state[name] = torch.from_numpy(artifact.array(f"net.{name}", shape=tuple(ref.shape))).to(ref.dtype)
         den.net.load_state_dict(state)
     den.net.eval().requires_grad_(False)
-    nfe = nfe or s.nfe
-    grid = student_grid(s, model, nfe) if s.variable else torch.tensor(artifact.array("grid", ndim=1))
-    return SFDSolver(den, grid, nfe, s.afs, nfe if s.variable else None)
+    grid = student_grid(s, model, s.nfe) if s.variable else torch.tensor(artifact.array("grid", ndim=1))
+    return SFDSolver(den, s, grid, s.nfe, s.nfe if s.variable else None)
 
 
 def untrained(artifact: Artifact) -> Artifact:
@@ -188,4 +196,5 @@ def untrained(artifact: Artifact) -> Artifact:
                     artifact.path)
 
 
-register(Method("sfd", SFDStudent, SFDTrain, fit, load, untrained, "fine-tunes the network for few steps (SFD, SFD-v)"))
+register(Method("sfd", SFDStudent, SFDTrain, fit, load, untrained, "fine-tunes the network for few steps (SFD, SFD-v)",
+                work=lambda s, t: t.iterations))

@@ -1,4 +1,4 @@
-"""The teacher cache directory (design.md "Teacher cache"): format, shard writer and memory-mapped reader.
+"""The teacher cache directory (docs/teacher-cache.md): format, shard writer and memory-mapped reader.
 
     DIR/manifest.json            spec (model fingerprint, solver, grid, dtype, shape, first seed), format
                                  version, and the finished shards with CRC-32 checksums; rewritten atomically
@@ -152,7 +152,7 @@ def check_shard_files(root: Path, entry: dict, steps: int, shape, cond_shape=Non
 
 
 class TeacherCache:
-    """Read side: memory-mapped shards, batches by sample index, states at any sigma (algorithms.md section 6)."""
+    """Read side: memory-mapped shards, batches by sample index, states at any sigma (docs/teacher-cache.md)."""
 
     def __init__(self, root: Path, manifest: dict):
         self.root, self.manifest = Path(root), manifest
@@ -261,6 +261,41 @@ class TeacherCache:
         on1 = torch.isclose(qd, grid[j + 1], rtol=1e-6, atol=0)[expand]
         out = torch.where(on0, x0, torch.where(on1, x1, out))
         return out.to(dtype=dtype, device=device if device is not None else q.device)
+
+    def split(self, samples: int, heldout: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training indices from the front (`samples`, 0 = all not held out), held-out ones from the back:
+        disjoint seeds. Bad sizes are bad input naming the train.* keys."""
+        n = self.num_samples
+        if heldout < 1:
+            raise BadInput(f"train.heldout: must be >= 1, got {heldout}")
+        samples = samples or n - heldout
+        if samples < 1 or samples + heldout > n:
+            raise BadInput(f"train.samples + train.heldout = {samples} + {heldout} exceeds the {n} cached "
+                           "trajectories; raise teacher.num_samples or lower them")
+        return np.arange(samples), np.arange(n - heldout, n)
+
+    def start(self, indices, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """sigma_max * z for these samples (on the model's device and dtype) and their conditioning."""
+        z = torch.from_numpy(self.get("noise", indices)).to(device=model.device, dtype=model.dtype)
+        cond = self.cond(indices)
+        return z * float(self.sigmas[0]), None if cond is None else cond.to(model.device)
+
+    def endpoints(self, indices) -> torch.Tensor:
+        """The teacher's final states of these samples, float64 (reads only that column)."""
+        cols = np.full((len(indices), 1), self.steps)
+        return torch.from_numpy(self.get_points("x", indices, cols)[:, 0])
+
+    def summary(self) -> list[tuple[str, str]]:
+        """(field, value) rows describing the cache: model, solver, grid, dtype, shape, samples, shards, size."""
+        spec = self.spec
+        grid = f"{spec['schedule']}, {self.steps} steps, sigma {self.sigmas[0]:g} -> {self.sigmas[-1]:g}"
+        per = self.disk_bytes() / max(self.num_samples, 1)
+        bad = sum(s["status"] != "ok" for s in self.manifest["shards"])
+        return [("model", f"{spec['model_spec']} ({spec['model']})"), ("solver", spec["solver"]), ("grid", grid),
+                ("dtype", spec["dtype"]), ("shape", "x".join(map(str, spec["shape"]))),
+                ("samples", f"{self.num_samples} (seeds {spec['seed']}..{spec['seed'] + self.num_samples - 1})"),
+                ("shards", f"{len(self.shards)} in use, {bad} bad"),
+                ("on disk", f"{self.disk_bytes() / 2**20:.1f} MiB, {per / 2**10:.1f} KiB per sample")]
 
     def disk_bytes(self) -> int:
         return sum(sum(s["bytes"].values()) for s in self.shards)

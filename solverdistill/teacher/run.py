@@ -21,9 +21,10 @@ from ..errors import BadInput
 from ..grids import make_grid
 from ..models import resolve
 from ..recipes import Recipe
-from ..sampling import initial_noise, resolve_device, resolve_dtype
+from ..devices import resolve_device, resolve_dtype
+from ..generate import initial_noise
 from ..solvers import get as get_solver
-from ..solvers.common import call
+from ..solvers.base import call
 from .cache import (FORMAT, FORMAT_VERSION, ShardWriter, check_shard_files, read_manifest, spec_differences,
                     write_json_atomic)
 
@@ -51,9 +52,9 @@ def integrate_batch(model, solver: str, grid: torch.Tensor, z: torch.Tensor, con
     """States and denoiser outputs at every grid point, the last one included (one extra call at sigma_min)."""
     xs, ds = [], []
 
-    def keep(info):
-        xs.append(info["x"])
-        ds.append(info["denoised"])
+    def keep(step):
+        xs.append(step.x)
+        ds.append(step.denoised)
 
     with torch.no_grad():
         x = get_solver(solver).solve(model, z * float(grid[0]), grid, cond=cond, callback=keep)
@@ -117,10 +118,38 @@ def plan_shards(manifest: dict, num: int, shard_size: int) -> list[tuple[str, in
     return todo
 
 
-def run_teacher(recipe: Recipe, overwrite: bool = False, progress=None, write: bool = True) -> TeacherReport:
+@dataclass
+class TeacherJob:
+    """A teacher run with its spec checked against the cache and what is left to integrate planned."""
+
+    recipe: Recipe
+    model: object
+    spec: dict
+    root: Path
+    manifest: dict
+    todo: list[tuple[str, int, int]]
+
+    @property
+    def missing(self) -> int:
+        """Samples still to integrate."""
+        return sum(count for _, _, count in self.todo)
+
+    def run(self, progress=None, write: bool = True) -> TeacherReport:
+        """Integrate what is missing (the recipe's teacher.precision for the network), writing shard by shard."""
+        previous = self.model.precision
+        self.model.set_precision(self.recipe.teacher.precision)
+        try:
+            return _integrate(self, progress, write)
+        finally:
+            self.model.set_precision(previous)
+
+
+def prepare_teacher(recipe: Recipe, model=None, overwrite: bool = False) -> TeacherJob:
+    """Open (or create) the recipe's cache and plan the shards left to write. `model`: the recipe's model
+    already resolved by the caller (else resolved here on teacher.device in teacher.compute_dtype)."""
     t = recipe.teacher
-    device = resolve_device(t.device)
-    model = resolve(recipe.model.spec, device=device, dtype=resolve_dtype(t.compute_dtype)).set_precision(t.precision)
+    if model is None:
+        model = resolve(recipe.model.spec, device=resolve_device(t.device), dtype=resolve_dtype(t.compute_dtype))
     spec = teacher_spec(recipe, model)
     root = recipe.cache_dir()
     manifest = read_manifest(root) if root.exists() else None
@@ -144,7 +173,18 @@ def run_teacher(recipe: Recipe, overwrite: bool = False, progress=None, write: b
     for shard in manifest["shards"]:
         if shard["status"] == "ok" and check_shard_files(root, shard, t.steps, model.shape, spec["cond_shape"]):
             shard["status"] = "bad"
-    todo = plan_shards(manifest, t.num_samples, t.shard_size)
+    return TeacherJob(recipe, model, spec, root, manifest, plan_shards(manifest, t.num_samples, t.shard_size))
+
+
+def run_teacher(recipe: Recipe, overwrite: bool = False, progress=None, write: bool = True,
+                model=None) -> TeacherReport:
+    """`sdistill teacher`: fill the recipe's cache, resuming where a previous run stopped."""
+    return prepare_teacher(recipe, model, overwrite).run(progress, write)
+
+
+def _integrate(job: TeacherJob, progress, write: bool) -> TeacherReport:
+    t, model, spec, root, manifest = job.recipe.teacher, job.model, job.spec, job.root, job.manifest
+    todo = job.todo
     grid = torch.tensor(spec["grid"], dtype=torch.float64)
     store = STORE_DTYPES[t.dtype]
     lock = threading.Lock()

@@ -1,0 +1,31 @@
+"""`sdistill teacher`: fill a recipe's teacher cache (resumable, sharded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .console import line, progress
+
+
+def command(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (reads its model and teacher sections)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (overrides teacher.cache)."),
+    num: Optional[int] = typer.Option(None, "--num", help="Number of samples (overrides teacher.num_samples)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (overrides teacher.batch)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (overrides teacher.device)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with another spec."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """Integrate the ODE accurately from many seeds and cache the trajectories (resumable, sharded)."""
+    from ..recipes import load_recipe
+    from ..teacher.run import prepare_teacher
+    r = load_recipe(recipe, {"teacher.cache": str(cache) if cache else None, "teacher.num_samples": num,
+                             "teacher.batch": batch, "teacher.device": device})
+    job = prepare_teacher(r, overwrite=overwrite)
+    with progress(quiet)(job.missing, "teacher") as bar:
+        rep = job.run(progress=bar)
+    line(f"{rep.root}: {rep.total} samples ({rep.generated} integrated now, {rep.reused} already cached), "
+         f"{rep.nfe_per_sample} NFE per sample, {rep.seconds:.1f}s")

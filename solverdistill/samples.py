@@ -1,0 +1,112 @@
+"""The `sample` job: a solver from a handcrafted name or an artifact, samples from per-sample seeds, and what is
+written: samples.npz (docs/formats.md "samples.npz") and pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import __version__, artifacts, students
+from .devices import resolve_device, resolve_dtype
+from .errors import BadInput
+from .generate import generate
+from .images import save_pictures
+from .models import resolve
+from .npzfiles import ensure_dir, write_npz
+from .solvers import plan
+
+DEFAULT_NFE = 10
+
+
+def is_artifact(solver: str) -> bool:
+    """A --solver value that names an artifact file rather than a handcrafted solver."""
+    return solver.endswith((".npz", ".yaml", ".yml")) or Path(solver).is_file()
+
+
+def load_solver(solver, model_spec, nfe, schedule, afs, lower_order_final, device, dtype, force):
+    """(denoiser, solver, meta about the solver) for a handcrafted name or an artifact path."""
+    if is_artifact(solver):
+        art = artifacts.load(solver)
+        if schedule is not None:
+            raise BadInput(f"--schedule: {solver} brings its own grid; drop --schedule")
+        if nfe is not None and nfe != int(art.meta["nfe"]):
+            raise BadInput(f"--nfe: {solver} was distilled for NFE {art.meta['nfe']}, not {nfe}; drop --nfe")
+        spec = model_spec or art.meta.get("model")
+        if not spec:
+            raise BadInput(f"--model: required; {solver} does not name its model")
+        den = resolve(spec, device=device, dtype=dtype)
+        artifacts.check_model(art, den.fingerprint, force)
+        method = students.get(art.method)
+        return den, method.load(art, den), {"artifact": str(solver), "method": art.method}
+    if model_spec is None:
+        raise BadInput("--model: required (e.g. --model gmm:cifar); see `sdistill models`")
+    den = resolve(model_spec, device=device, dtype=dtype)
+    p = plan(solver, DEFAULT_NFE if nfe is None else nfe, den, schedule, afs, lower_order_final=lower_order_final)
+    return den, p, {"schedule": schedule or p.info.default_schedule}
+
+
+def with_options(spec: str | None, **options) -> str | None:
+    """Append model options given as flags (--prompt, --prompts, --guidance) to a spec's query string."""
+    from urllib.parse import urlencode
+    given = {k: v for k, v in options.items() if v is not None}
+    if spec is None or not given:
+        return spec
+    return spec + ("&" if "?" in spec else "?") + urlencode(given)
+
+
+def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, seed, batch, out_dir: Path,
+               device, dtype, png, progress, force=False, precision="fp32") -> str:
+    """Sample seeds [seed, seed + num) and write samples.npz and pictures to out_dir; returns a summary line."""
+    if num < 1:
+        raise BadInput(f"--num: must be >= 1, got {num}")
+    if batch < 1:
+        raise BadInput(f"--batch: must be >= 1, got {batch}")
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    den, sol, extra = load_solver(solver, model, nfe, schedule, afs, lower_order_final, dev, torch_dtype, force)
+    den.set_precision(precision)
+    out = ensure_dir(out_dir)
+    seeds = list(range(seed, seed + num))
+    grids: list = []  # per-sample grids, for learned solvers whose grid depends on the sample
+
+    def keep_grid(_, step):
+        grids.append((step.i, step.sigma.cpu(), step.sigma_next.cpu()))
+
+    per_sample = getattr(sol, "per_sample_grid", False)
+    with progress as bar:
+        res = generate(den, sol, seeds, batch=batch, progress=bar, callback=keep_grid if per_sample else None)
+    meta = {"format": "sdistill-samples", "version": __version__, "model": den.spec,
+            "model_fingerprint": den.fingerprint, **sol.describe(), **extra, "nfe": res.nfe,
+            "network_passes": res.network_passes, "precision": precision, "seed": seed, "num": num, "dtype": dtype, "device": str(dev)}
+    arrays = {"x": res.x.numpy(), "z": res.z.numpy(), "seeds": res.seeds}
+    if grids:
+        arrays["grids"] = per_sample_grids(grids, num).numpy()
+        meta["per_sample_grid"] = True
+    shown_x = res.x.numpy()
+    if callable(getattr(den, "decode", None)):  # latent models: x and z are latents, images are decoded
+        with torch.no_grad():
+            arrays["images"] = torch.cat([den.decode(part.to(den.device)).float().cpu()
+                                          for part in res.x.split(batch)]).numpy()
+        shown_x = arrays["images"]
+    write_npz(out / "samples.npz", meta, **arrays)
+    pictures = save_pictures(shown_x, out, png_each=png, title=f"{meta['solver']}, NFE {res.nfe}")
+    shown = ", ".join(str(pth) for pth in [out / "samples.npz", *pictures])
+    return (f"{num} samples, {meta['solver']}, NFE {res.nfe} ({res.network_passes} network passes), "
+            f"{'AFS, ' if meta.get('afs') else ''}{meta.get('steps', '?')} steps -> {shown}")
+
+
+def per_sample_grids(records, num: int) -> torch.Tensor:
+    """[num, steps + 1] sigmas each sample actually used, from the per-step callback records (batch order)."""
+    rows, current = [], {}
+    for i, sigma, sigma_next in records:
+        if i == 0 and current:
+            rows.append(current)
+            current = {}
+        current[i] = (sigma, sigma_next)
+    rows.append(current)
+    per_batch = []
+    for steps in rows:
+        n = len(steps)
+        per_batch.append(torch.stack([steps[0][0]] + [steps[i][1] for i in range(n)], 1).double())
+    return torch.cat(per_batch)[:num]
