@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(dir $(PYTHON)).sdistill-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test demo bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $(dir $(PYTHON)).torch-constraint.txt
 	$(PYTHON) -m pip install -q -c $(dir $(PYTHON)).torch-constraint.txt -e ".[dev,weights,diffusers]"
 	@touch $@
+
+# ruff, configured in pyproject.toml: lint rules and the format check.
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 test: install
 	$(PYTHON) -m pytest -q -n 2 $(PYTEST_ARGS)

@@ -4,10 +4,10 @@ RK4 reference, on held-out seeds. Usage: python benchmarks/baseline_table.py [MO
 import sys
 import time
 
-
 from solverdistill import solvers
 from solverdistill.errors import BadInput
-from solverdistill.evaluate import reference_endpoints, rmse, solver_endpoints
+from solverdistill.evaluation import reference_endpoints, rmse
+from solverdistill.generate import generate
 from solverdistill.models import resolve
 
 spec = sys.argv[1] if len(sys.argv) > 1 else "gmm:cifar"
@@ -20,15 +20,19 @@ t0 = time.time()
 ref = reference_endpoints(resolve(spec), seeds, steps=256)
 print(f"reference: RK4 256 steps float64, {time.time() - t0:.0f}s", flush=True)
 model = resolve(spec)
-lines = [f"Endpoint RMSE vs RK4 reference, {spec}, {num} seeds, float32 sampling", "",
-         "| solver | grid | AFS | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
-         "|---|---|---|" + "---|" * len(NFES)]
+lines = [
+    f"Endpoint RMSE vs RK4 reference, {spec}, {num} seeds, float32 sampling",
+    "",
+    "| solver | grid | AFS | " + " | ".join(f"NFE {n}" for n in NFES) + " |",
+    "|---|---|---|" + "---|" * len(NFES),
+]
 for name, info in solvers.SOLVERS.items():
     for afs in (False, True):
         cells = []
         for nfe in NFES:
             try:
-                cells.append(f"{rmse(solver_endpoints(model, name, nfe, seeds, afs=afs), ref):.4f}")
+                plan = solvers.plan(name, nfe, model, afs=afs)
+                cells.append(f"{rmse(generate(model, plan, seeds, batch=250).x, ref):.4f}")
             except BadInput:
                 cells.append("-")
         lines.append(f"| {name} | {info.default_schedule} | {'yes' if afs else 'no'} | " + " | ".join(cells) + " |")

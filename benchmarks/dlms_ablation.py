@@ -3,17 +3,14 @@ RMSE on the same held-out seeds. Usage: python benchmarks/dlms_ablation.py RECIP
 A variant is `name` or `key=value,key=value` over the student/train keys (student keys first)."""
 
 import sys
+import time
+from dataclasses import replace
 
 import yaml
-import time
-from dataclasses import fields, replace
 
-from solverdistill import students
-from solverdistill.models import resolve
+from solverdistill.evaluation import heldout_rmse
+from solverdistill.pipeline import method_configs, open_workspace
 from solverdistill.recipes import load_recipe
-from solverdistill.sampling import resolve_dtype
-from solverdistill.students.common import heldout_rmse, split
-from solverdistill.teacher import TeacherCache
 
 VARIANTS = {
     "default": {},
@@ -30,11 +27,10 @@ VARIANTS = {
 recipe = load_recipe(sys.argv[1])
 nfe = int(sys.argv[2]) if len(sys.argv) > 2 else 5
 chosen = sys.argv[3:] or list(VARIANTS)
-method = students.get("dlms")
-cache = TeacherCache.open(recipe.cache_dir())
-model = resolve(recipe.model.spec, dtype=resolve_dtype(recipe.teacher.compute_dtype))
-s0, t0 = students.configs(method, {**recipe.student, "method": "dlms", "nfe": nfe}, recipe.train)
-s_keys, t_keys = {f.name for f in fields(s0)}, {f.name for f in fields(t0)}
+method, s0, t0 = method_configs(recipe, "dlms", nfe)
+ws = open_workspace(recipe)
+model, cache = ws.model, ws.cache
+s_keys, t_keys = method.keys()
 print("| variant | held-out RMSE | initial RMSE | seconds |\n|---|---|---|---|")
 for name in chosen:
     if name in VARIANTS:
@@ -45,7 +41,7 @@ for name in chosen:
     t = replace(t0, **{k: v for k, v in typed.items() if k in t_keys})
     start = time.time()
     art = method.fit(cache, model, s, t)
-    _, held = split(cache, t.samples, t.heldout)
+    _, held = cache.split(t.samples, t.heldout)
     rm = heldout_rmse(method.load(art, model), model, cache, held)
     init = heldout_rmse(method.load(method.untrained(art), model), model, cache, held)
     print(f"| {name} | {rm:.4f} | {init:.4f} | {time.time() - start:.0f} |", flush=True)

@@ -5,36 +5,37 @@ import sys
 import time
 
 from solverdistill import solvers, students
-from solverdistill.commands.distill import ensure_cache
 from solverdistill.errors import BadInput
-from solverdistill.models import resolve
-from solverdistill.progress import Bar
+from solverdistill.evaluation import heldout_rmse
+from solverdistill.pipeline import open_workspace
 from solverdistill.recipes import load_recipe
-from solverdistill.sampling import resolve_dtype
-from solverdistill.students.common import heldout_rmse, split
 
 recipe = load_recipe(sys.argv[1])
 out = sys.argv[2] if len(sys.argv) > 2 else "out/dode_table.md"
-model = resolve(recipe.model.spec, dtype=resolve_dtype(recipe.teacher.compute_dtype))
-cache, _ = ensure_cache(recipe, model, print, lambda n, label: Bar(n, label, disabled=True))
+ws = open_workspace(recipe)
+model, cache = ws.model, ws.cache
 method = students.get("dode")
 NFES = range(3, 11)
-lines = [f"D-ODE vs its base solver, {recipe.model.spec}: held-out endpoint RMSE (base -> D-ODE), fit seconds",
-         "", "| base | AFS | " + " | ".join(f"NFE {n}" for n in NFES) + " | max fit s |", "|---|---|" + "---|" * (len(NFES) + 1)]
+lines = [
+    f"D-ODE vs its base solver, {recipe.model.spec}: held-out endpoint RMSE (base -> D-ODE), fit seconds",
+    "",
+    "| base | AFS | " + " | ".join(f"NFE {n}" for n in NFES) + " | max fit s |",
+    "|---|---|" + "---|" * (len(NFES) + 1),
+]
 wins = total = 0
 for name, info in solvers.SOLVERS.items():
-    for afs in ((False, True) if info.calls_per_step == 2 else (False,)):
+    for afs in (False, True) if info.calls_per_step == 2 else (False,):
         cells, worst = [], 0.0
         for nfe in NFES:
             try:
-                s, t = students.configs(method, {"method": "dode", "nfe": nfe, "base": name, "afs": afs}, {})
+                s, t = method.configs({"method": "dode", "nfe": nfe, "base": name, "afs": afs}, {})
                 t0 = time.time()
                 art = method.fit(cache, model, s, t)
                 worst = max(worst, time.time() - t0)
             except BadInput:
                 cells.append("-")
                 continue
-            _, held = split(cache, t.samples, t.heldout)
+            _, held = cache.split(t.samples, t.heldout)
             base = heldout_rmse(method.load(method.untrained(art), model), model, cache, held)
             fitted = heldout_rmse(method.load(art, model), model, cache, held)
             wins += fitted < base

@@ -1,5 +1,5 @@
 """The Results table: held-out endpoint RMSE of the best handcrafted solver per NFE, D-ODE and DLMS, with
-acceleration ratios (algorithms.md section 7). Usage:
+acceleration ratios (docs/evaluation.md). Usage:
     python benchmarks/students_table.py RECIPE [OUT.md] [--nfe 3,4,5,6,8]
 Uses the recipe's teacher cache (built first when missing) and its student/train sections for DLMS."""
 
@@ -7,14 +7,10 @@ import argparse
 import math
 import time
 
-from solverdistill import students
-from solverdistill.commands.distill import ensure_cache
-from solverdistill.evaluate import acceleration_ratio
-from solverdistill.models import resolve
-from solverdistill.progress import Bar
+from solverdistill import solvers, students
+from solverdistill.evaluation import acceleration_ratio, heldout_rmse
+from solverdistill.pipeline import method_configs, open_workspace
 from solverdistill.recipes import load_recipe
-from solverdistill.sampling import resolve_dtype
-from solverdistill.students.common import handcrafted_baselines, heldout_rmse, split
 
 ap = argparse.ArgumentParser()
 ap.add_argument("recipe")
@@ -22,15 +18,15 @@ ap.add_argument("out", nargs="?", default="out/students_table.md")
 ap.add_argument("--nfe", default="3,4,5,6,8")
 args = ap.parse_args()
 recipe = load_recipe(args.recipe)
-model = resolve(recipe.model.spec, dtype=resolve_dtype(recipe.teacher.compute_dtype))
-cache, _ = ensure_cache(recipe, model, print, lambda n, label: Bar(n, label, disabled=True))
+ws = open_workspace(recipe)
+model, cache = ws.model, ws.cache
 dlms, dode = students.get("dlms"), students.get("dode")
-s_dlms, t_dlms = students.configs(dlms, {**recipe.student, "method": "dlms"}, recipe.train)
-_, held = split(cache, t_dlms.samples, t_dlms.heldout)
+_, s_dlms, t_dlms = method_configs(recipe, "dlms")
+_, held = cache.split(t_dlms.samples, t_dlms.heldout)
 
 curve, best_name = {}, {}
 for nfe in range(2, 21):
-    base = handcrafted_baselines(model, cache, held, nfe)
+    base = {name: heldout_rmse(p, model, cache, held) for name, p in solvers.sweep(nfe, model).items()}
     best_name[nfe] = min(base, key=base.get)
     curve[nfe] = base[best_name[nfe]]
     print(f"handcrafted NFE {nfe}: best {best_name[nfe]} {curve[nfe]:.4f}", flush=True)
@@ -43,17 +39,32 @@ for nfe in [int(v) for v in args.nfe.split(",")]:
     e_dlms = heldout_rmse(dlms.load(art, model), model, cache, held)
     best_dode, best_base = math.inf, ""
     for base in ("dpm++3m", "unipc", "ipndm", "deis", "euler", "dpm++2m"):
-        s, t = students.configs(dode, {"method": "dode", "nfe": nfe, "base": base}, {"heldout": t_dlms.heldout})
+        s, t = dode.configs({"method": "dode", "nfe": nfe, "base": base}, {"heldout": t_dlms.heldout})
         e = heldout_rmse(dode.load(dode.fit(cache, model, s, t), model), model, cache, held)
         if e < best_dode:
             best_dode, best_base = e, base
-    rows.append((nfe, best_name[nfe], curve[nfe], best_base, best_dode, e_dlms, dlms_s,
-                 acceleration_ratio(best_dode, nfe, curve), acceleration_ratio(e_dlms, nfe, curve)))
+    rows.append(
+        (
+            nfe,
+            best_name[nfe],
+            curve[nfe],
+            best_base,
+            best_dode,
+            e_dlms,
+            dlms_s,
+            acceleration_ratio(best_dode, nfe, curve),
+            acceleration_ratio(e_dlms, nfe, curve),
+        )
+    )
     print(rows[-1], flush=True)
 
-lines = [f"Held-out endpoint RMSE on {recipe.model.spec} ({len(held)} held-out seeds, teacher: {cache.spec['solver']} "
-         f"{cache.steps} steps), acceleration ratio in brackets", "",
-         "| NFE | best handcrafted | D-ODE (best base) | DLMS | DLMS fit s |", "|---|---|---|---|---|"]
+lines = [
+    f"Held-out endpoint RMSE on {recipe.model.spec} ({len(held)} held-out seeds, teacher: {cache.spec['solver']} "
+    f"{cache.steps} steps), acceleration ratio in brackets",
+    "",
+    "| NFE | best handcrafted | D-ODE (best base) | DLMS | DLMS fit s |",
+    "|---|---|---|---|---|",
+]
 for nfe, bn, be, db, de, le, ls, ar_d, ar_l in rows:
     lines.append(f"| {nfe} | {be:.4f} ({bn}) | {de:.4f} ({db}) [{ar_d:.2f}x] | {le:.4f} [{ar_l:.2f}x] | {ls:.0f} |")
 lines += ["", "Best handcrafted by NFE: " + ", ".join(f"{n}: {curve[n]:.4f} ({best_name[n]})" for n in sorted(curve))]

@@ -13,5 +13,7 @@ spec = os.environ.get("BENCH_MODEL", "gmm:cifar")
 r = teacher_overhead(spec, int(os.environ.get("BENCH_NUM", 256)), int(os.environ.get("BENCH_STEPS", 128)))
 r["machine"] = machine(torch.device("cpu"))
 print(json.dumps(r, indent=1))
-print(f"teacher with writing / without: {r['ratio']:.3f} (median of 3, {spec}, {r['samples']} samples, "
-      f"{r['steps']} steps)")
+print(
+    f"teacher with writing / without: {r['ratio']:.3f} (median of 3, {spec}, {r['samples']} samples, "
+    f"{r['steps']} steps)"
+)

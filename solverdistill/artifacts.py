@@ -47,9 +47,14 @@ class Artifact:
 
 def new_meta(method: str, **fields) -> dict:
     """The meta every artifact starts with (format, version, method, creation time) plus `fields`."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "method": method,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "version": __version__, **fields}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "version": __version__,
+        **fields,
+    }
 
 
 def save(artifact: Artifact, path: str | os.PathLike) -> Path:
@@ -100,8 +105,9 @@ def load(path: str | os.PathLike, fingerprint: str | None = None, force: bool = 
     if meta["format"] != FORMAT:
         raise BadInput(f"{p}: meta.format is {meta['format']!r}, expected {FORMAT!r}")
     if meta["format_version"] != FORMAT_VERSION:
-        raise BadInput(f"{p}: unknown format_version {meta['format_version']!r}; this sdistill reads version "
-                       f"{FORMAT_VERSION}")
+        raise BadInput(
+            f"{p}: unknown format_version {meta['format_version']!r}; this sdistill reads version {FORMAT_VERSION}"
+        )
     art = Artifact(meta, arrays, str(p))
     if fingerprint is not None:
         check_model(art, fingerprint, force)
@@ -111,8 +117,10 @@ def load(path: str | os.PathLike, fingerprint: str | None = None, force: bool = 
 def check_model(art: Artifact, fingerprint: str, force: bool = False) -> None:
     """An artifact made for another model (weights or config) is refused unless `force`."""
     if art.meta["model_fingerprint"] != fingerprint and not force:
-        raise BadInput(f"{art.path}: made for model {art.meta.get('model', '?')} (fingerprint "
-                       f"{art.meta['model_fingerprint']}), not this one ({fingerprint}); use --force to use it anyway")
+        raise BadInput(
+            f"{art.path}: made for model {art.meta.get('model', '?')} (fingerprint "
+            f"{art.meta['model_fingerprint']}), not this one ({fingerprint}); use --force to use it anyway"
+        )
 
 
 def scan(folders, fingerprint: str | None = None) -> dict[Path, Artifact]:

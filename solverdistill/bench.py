@@ -32,8 +32,14 @@ from .solvers import SOLVERS, plan, sweep
 
 def machine(device) -> dict:
     """Platform, Python, torch, CPU count and threads, and the GPU's name on CUDA."""
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "device": str(device)}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -62,19 +68,25 @@ def sampling_overhead(model, solver, nfe: int, batch: int, batches: int, repeats
                 model(z, sig)
         _sync(model.device)
         bare.append(time.perf_counter() - t0)
-    return {"full_s": statistics.median(full), "bare_s": statistics.median(bare),
-            "ratio": statistics.median(f / b for f, b in zip(full, bare))}
+    return {
+        "full_s": statistics.median(full),
+        "bare_s": statistics.median(bare),
+        "ratio": statistics.median(f / b for f, b in zip(full, bare)),
+    }
 
 
 def teacher_overhead(spec: str, num: int, steps: int, repeats: int = 3) -> dict:
     """Median `teacher` wall time with writing / without, on a fresh cache each repeat."""
     from .recipes import load_recipe
     from .teacher.run import run_teacher
+
     tmp = tempfile.mkdtemp()
     try:
         path = Path(tmp) / "r.yaml"
-        path.write_text(f"name: bench\nmodel: {{spec: '{spec}'}}\nteacher: {{steps: {steps}, num_samples: {num}, "
-                        f"batch: 64, shard_size: 128, cache: '{tmp}/cache'}}\n")
+        path.write_text(
+            f"name: bench\nmodel: {{spec: '{spec}'}}\nteacher: {{steps: {steps}, num_samples: {num}, "
+            f"batch: 64, shard_size: 128, cache: '{tmp}/cache'}}\n"
+        )
         recipe = load_recipe(path)
         times = {"write": [], "no_write": []}
         for _ in range(repeats):
@@ -94,6 +106,7 @@ def fid_throughput(inception: str | None, device, batch: int, batches: int = 8) 
     from .errors import BadInput
     from .fid import FeatureStats, InceptionFeatures, inception_path
     from .images import to_uint8_nchw
+
     try:
         net = InceptionFeatures(inception_path(inception), device=device)
     except BadInput as e:
@@ -114,18 +127,33 @@ def fid_throughput(inception: str | None, device, batch: int, batches: int = 8) 
     return {"bare_s": bare, "full_s": full, "ratio": full / bare, "images": batch * batches}
 
 
-def run_bench(recipe_path: str = "recipes/quickstart.yaml", num: int = 256, device=None, inception=None,
-              quick: bool = False, say=print) -> dict:
+def run_bench(
+    recipe_path: str = "recipes/quickstart.yaml",
+    num: int = 256,
+    device=None,
+    inception=None,
+    quick: bool = False,
+    say=print,
+) -> dict:
     """Measure everything in the module docstring; returns the report (see `render`)."""
     from .recipes import load_recipe
+
     device = device or torch.device("cpu")
     recipe = load_recipe(recipe_path)
     ws = open_workspace(recipe, str(device), say)
     model, cache = ws.model, ws.cache
     held = np.arange(cache.num_samples - min(num, cache.num_samples // 2), cache.num_samples)
-    report = {"version": __version__, "machine": machine(device), "model": model.spec,
-              "settings": {"recipe": recipe_path, "heldout_seeds": len(held), "quick": quick,
-                           "teacher": f"{cache.spec['solver']} {cache.steps} steps"}}
+    report = {
+        "version": __version__,
+        "machine": machine(device),
+        "model": model.spec,
+        "settings": {
+            "recipe": recipe_path,
+            "heldout_seeds": len(held),
+            "quick": quick,
+            "teacher": f"{cache.spec['solver']} {cache.steps} steps",
+        },
+    }
     nfes = list(range(2, 11)) if not quick else [3, 5, 8]
     say("solver quality ...")
     quality, curve = {}, {}
@@ -142,11 +170,18 @@ def run_bench(recipe_path: str = "recipes/quickstart.yaml", num: int = 256, devi
         solver = students.get(art.method).load(art, model)
         err = heldout_rmse(solver, model, cache, held)
         nfe = int(art.meta["nfe"])
-        students_rows.append({"artifact": path, "method": art.method, "nfe": nfe, "rmse": err,
-                              "acceleration": acceleration_ratio(err, nfe, curve),
-                              "distill_seconds": art.meta.get("training", {}).get("seconds"),
-                              "teacher_nfe_per_sample": art.meta.get("cost", {}).get("teacher_nfe_per_sample"),
-                              "teacher_samples": art.meta.get("cost", {}).get("teacher_samples")})
+        students_rows.append(
+            {
+                "artifact": path,
+                "method": art.method,
+                "nfe": nfe,
+                "rmse": err,
+                "acceleration": acceleration_ratio(err, nfe, curve),
+                "distill_seconds": art.meta.get("training", {}).get("seconds"),
+                "teacher_nfe_per_sample": art.meta.get("cost", {}).get("teacher_nfe_per_sample"),
+                "teacher_samples": art.meta.get("cost", {}).get("teacher_samples"),
+            }
+        )
     report["quality"] = {"handcrafted": quality, "best_by_nfe": curve, "students": students_rows}
     say("sampling overhead ...")
     batch = 256 if device.type == "cuda" else 64
@@ -157,8 +192,9 @@ def run_bench(recipe_path: str = "recipes/quickstart.yaml", num: int = 256, devi
         over[name] = sampling_overhead(model, p, 5, batch, 16 if not quick else 4)
     for path, art in arts.items():
         if int(art.meta["nfe"]) == 5:
-            over[path] = sampling_overhead(model, students.get(art.method).load(art, model), 5, batch,
-                                           16 if not quick else 4)
+            over[path] = sampling_overhead(
+                model, students.get(art.method).load(art, model), 5, batch, 16 if not quick else 4
+            )
     report["sampling_overhead_nfe5"] = {"batch": batch, "by_solver": over}
     say("teacher write overhead ...")
     report["teacher_write_overhead"] = teacher_overhead(recipe.model.spec, 128 if quick else 256, 64 if quick else 128)
@@ -169,34 +205,62 @@ def run_bench(recipe_path: str = "recipes/quickstart.yaml", num: int = 256, devi
 def render(report: dict) -> str:
     """The report as Markdown."""
     m = report["machine"]
-    lines = [f"# sdistill bench ({report['version']})", "",
-             f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['threads']} threads), "
-             f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}.",
-             f"Model {report['model']}; {report['settings']['heldout_seeds']} held-out seeds; teacher "
-             f"{report['settings']['teacher']}.", "", "## Endpoint RMSE, handcrafted", ""]
+    lines = [
+        f"# sdistill bench ({report['version']})",
+        "",
+        f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['threads']} threads), "
+        f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}.",
+        f"Model {report['model']}; {report['settings']['heldout_seeds']} held-out seeds; teacher "
+        f"{report['settings']['teacher']}.",
+        "",
+        "## Endpoint RMSE, handcrafted",
+        "",
+    ]
     q = report["quality"]
     nfes = sorted({n for row in q["handcrafted"].values() for n in row})
     lines += ["| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
     for name, row in q["handcrafted"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[n]:.4f}" if n in row else "-" for n in nfes) + " |")
-    lines += ["", "## Students", "", "| artifact | method | NFE | RMSE | acceleration | distill s | teacher NFE x samples |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Students",
+        "",
+        "| artifact | method | NFE | RMSE | acceleration | distill s | teacher NFE x samples |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in q["students"]:
         cost = f"{s['teacher_nfe_per_sample']} x {s['teacher_samples']}" if s["teacher_samples"] else "-"
         secs = f"{s['distill_seconds']:.1f}" if s["distill_seconds"] else "-"
-        lines.append(f"| {s['artifact']} | {s['method']} | {s['nfe']} | {s['rmse']:.4f} | {s['acceleration']:.2f}x | "
-                     f"{secs} | {cost} |")
+        lines.append(
+            f"| {s['artifact']} | {s['method']} | {s['nfe']} | {s['rmse']:.4f} | {s['acceleration']:.2f}x | "
+            f"{secs} | {cost} |"
+        )
     o = report["sampling_overhead_nfe5"]
-    lines += ["", f"## Sampling overhead at NFE 5, batch {o['batch']} (full run / bare denoiser calls)", "",
-              "| solver | full s | bare s | ratio |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Sampling overhead at NFE 5, batch {o['batch']} (full run / bare denoiser calls)",
+        "",
+        "| solver | full s | bare s | ratio |",
+        "|---|---|---|---|",
+    ]
     for name, r in o["by_solver"].items():
         lines.append(f"| {name} | {r['full_s']:.3f} | {r['bare_s']:.3f} | {r['ratio']:.3f} |")
     t = report["teacher_write_overhead"]
-    lines += ["", f"## Teacher cache write overhead: {t['ratio']:.3f} ({t['model']}, {t['samples']} samples, "
-              f"{t['steps']} steps; median s {t['median_s']})"]
+    lines += [
+        "",
+        f"## Teacher cache write overhead: {t['ratio']:.3f} ({t['model']}, {t['samples']} samples, "
+        f"{t['steps']} steps; median s {t['median_s']})",
+    ]
     f = report["fid_feature_throughput"]
-    lines += ["", "## FID features: " + ("skipped: no Inception weights (pass --inception PATH)" if "skipped" in f else
-                                         f"{f['ratio']:.3f} of the bare Inception forward ({f['images']} images)")]
+    lines += [
+        "",
+        "## FID features: "
+        + (
+            "skipped: no Inception weights (pass --inception PATH)"
+            if "skipped" in f
+            else f"{f['ratio']:.3f} of the bare Inception forward ({f['images']} images)"
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 

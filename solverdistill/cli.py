@@ -13,8 +13,12 @@ from .commands import bench, cache, compare, convert, distill, fid, inspect, lis
 from .commands.console import err, out
 from .errors import BadInput, RunFailed
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Distill and compare fast few-step solvers for diffusion models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distill and compare fast few-step solvers for diffusion models.",
+)
 
 
 def handled(fn):
@@ -26,10 +30,10 @@ def handled(fn):
             return fn(*args, **kwargs)
         except BadInput as e:
             err.print(Text("error: ", style="bold red") + Text(str(e)), highlight=False)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except RunFailed as e:
             err.print(Text("failed: ", style="bold red") + Text(str(e)), highlight=False)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -41,18 +45,31 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit."),
-          trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Load EDM pickles (which run code) "
-                                            "without an allow-list entry, for this run.")):
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="Load EDM pickles (which run code) without an allow-list entry, for this run."
+    ),
+):
     from .models.edm import trust_every_pickle
+
     trust_every_pickle(trust_pickle)
 
 
-for name, fn in (("sample", sample.command), ("solvers", listing.solvers), ("students", listing.students),
-                 ("models", listing.models), ("teacher", teacher.command), ("distill", distill.command),
-                 ("inspect", inspect.command), ("fid", fid.command), ("compare", compare.command),
-                 ("bench", bench.command)):
+for name, fn in (
+    ("sample", sample.command),
+    ("solvers", listing.solvers),
+    ("students", listing.students),
+    ("models", listing.models),
+    ("teacher", teacher.command),
+    ("distill", distill.command),
+    ("inspect", inspect.command),
+    ("fid", fid.command),
+    ("compare", compare.command),
+    ("bench", bench.command),
+):
     app.command(name)(handled(fn))
 
 convert_app = typer.Typer(help="Convert checkpoints into folders sdistill loads.", no_args_is_help=True)

@@ -18,7 +18,7 @@ from .errors import BadInput
 from .evaluation import inception_fd, pixel_fd, pixel_stats, psnr, reference_endpoints, rmse
 from .generate import generate
 from .models import resolve
-from .pipeline import ProgressFactory, Say, no_progress, distill, method_configs, open_workspace
+from .pipeline import ProgressFactory, Say, distill, method_configs, no_progress, open_workspace
 from .recipes import Recipe
 from .solvers import get as get_solver
 from .solvers import plan
@@ -61,14 +61,18 @@ def check_names(names: list[str]) -> None:
             if not Path(name).is_file():
                 raise BadInput(f"--solvers: no such artifact {name!r}")
         elif base in methods and name.endswith("+afs"):
-            raise BadInput(f"--solvers: {name!r}: +afs applies to handcrafted solvers; a student's AFS is set "
-                           "when it is distilled (student.afs)")
+            raise BadInput(
+                f"--solvers: {name!r}: +afs applies to handcrafted solvers; a student's AFS is set "
+                "when it is distilled (student.afs)"
+            )
         elif base not in methods:
             try:
                 get_solver(base)
             except BadInput:
-                raise BadInput(f"--solvers: unknown solver {name!r}; use a handcrafted solver (see `sdistill "
-                               f"solvers`, +afs for AFS), an artifact path, or one of {', '.join(methods)}") from None
+                raise BadInput(
+                    f"--solvers: unknown solver {name!r}; use a handcrafted solver (see `sdistill "
+                    f"solvers`, +afs for AFS), an artifact path, or one of {', '.join(methods)}"
+                ) from None
 
 
 class Resolver:
@@ -97,20 +101,40 @@ class Resolver:
     def distill(self, method: str, nfe: int) -> Path:
         ws = self.workspace
         if ws is None:
-            raise BadInput(f"--solvers: no {method} artifact for this model at NFE {nfe} in "
-                           f"{', '.join(map(str, self.folders))}; pass --recipe to distill one")
+            raise BadInput(
+                f"--solvers: no {method} artifact for this model at NFE {nfe} in "
+                f"{', '.join(map(str, self.folders))}; pass --recipe to distill one"
+            )
         out = self.folders[0] / f"{ws.recipe.name}_{method}_nfe{nfe}.npz"
         self.say(f"no {method} artifact at NFE {nfe}: distilling {out} from the teacher cache")
-        distill(ws.recipe, method_name=method, nfe=nfe, out=str(out), workspace=ws, say=self.say,
-                progress_factory=self.progress)
+        distill(
+            ws.recipe,
+            method_name=method,
+            nfe=nfe,
+            out=str(out),
+            workspace=ws,
+            say=self.say,
+            progress_factory=self.progress,
+        )
         return out
 
 
-def run_compare(names: list[str], nfes: list[int], *, recipe: Optional[Recipe] = None,
-                model_spec: Optional[str] = None, num: int = 1000, seed: Optional[int] = None,
-                metrics=("rmse",), folders=(Path("out"), Path("solvers")), batch: int = 250, say: Say = print,
-                progress_factory: ProgressFactory = no_progress, grid_nfe: Optional[int] = None,
-                inception: Optional[str] = None) -> Comparison:
+def run_compare(
+    names: list[str],
+    nfes: list[int],
+    *,
+    recipe: Optional[Recipe] = None,
+    model_spec: Optional[str] = None,
+    num: int = 1000,
+    seed: Optional[int] = None,
+    metrics=("rmse",),
+    folders=(Path("out"), Path("solvers")),
+    batch: int = 250,
+    say: Say = print,
+    progress_factory: ProgressFactory = no_progress,
+    grid_nfe: Optional[int] = None,
+    inception: Optional[str] = None,
+) -> Comparison:
     """Sample every (name, NFE) from the same seeds and measure each metric against the reference endpoints:
     the recipe's held-out teacher trajectories, or an RK4 solve of `model_spec`."""
     for m in metrics:
@@ -171,8 +195,15 @@ def run_compare(names: list[str], nfes: list[int], *, recipe: Optional[Recipe] =
                     value = pixel_fd(x, ref_stats)
                 else:
                     value = inception_fd(x, ref, inception)
-                comp.rows.append({"solver": name, "nfe": res.nfe, "network_passes": res.network_passes,
-                                  "metric": metric, "value": value})
+                comp.rows.append(
+                    {
+                        "solver": name,
+                        "nfe": res.nfe,
+                        "network_passes": res.network_passes,
+                        "metric": metric,
+                        "value": value,
+                    }
+                )
             if nfe == grid_nfe:
                 comp.grid_images[name] = x[:show].numpy()
     if exact is not None and "fd" in metrics:

@@ -39,9 +39,18 @@ def _attention(src: dict, old: str, new: str, out: dict, heads: int | None = Non
 
 
 def _resnet(src: dict, old: str, new: str, out: dict, openai: bool) -> None:
-    names = ({"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
-              "out_layers.3": "conv2", "skip_connection": "conv_shortcut"} if openai else
-             {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"})
+    names = (
+        {
+            "in_layers.0": "norm1",
+            "in_layers.2": "conv1",
+            "emb_layers.1": "time_emb_proj",
+            "out_layers.0": "norm2",
+            "out_layers.3": "conv2",
+            "skip_connection": "conv_shortcut",
+        }
+        if openai
+        else {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+    )
     for a, b in names.items():
         for p in ("weight", "bias"):
             if f"{old}.{a}.{p}" in src:
@@ -60,8 +69,13 @@ def unet_from_compvis(src: dict, num_head_channels: int, sample_size: int):
     levels.append((current, None))
     nrb = len(levels[0][0])
     out, down_types, widths = {}, [], []
-    for key, new in (("input_blocks.0.0", "conv_in"), ("time_embed.0", "time_embedding.linear_1"),
-                     ("time_embed.2", "time_embedding.linear_2"), ("out.0", "conv_norm_out"), ("out.2", "conv_out")):
+    for key, new in (
+        ("input_blocks.0.0", "conv_in"),
+        ("time_embed.0", "time_embedding.linear_1"),
+        ("time_embed.2", "time_embedding.linear_2"),
+        ("out.0", "conv_norm_out"),
+        ("out.2", "conv_out"),
+    ):
         out[f"{new}.weight"], out[f"{new}.bias"] = src[f"{key}.weight"], src[f"{key}.bias"]
     for lvl, (blocks, down) in enumerate(levels):
         if len(blocks) != nrb:
@@ -72,8 +86,13 @@ def unet_from_compvis(src: dict, num_head_channels: int, sample_size: int):
         for j, i in enumerate(blocks):
             _resnet(src, f"input_blocks.{i}.0", f"down_blocks.{lvl}.resnets.{j}", out, True)
             if attn:
-                _attention(src, f"input_blocks.{i}.1", f"down_blocks.{lvl}.attentions.{j}", out,
-                           widths[-1] // num_head_channels)
+                _attention(
+                    src,
+                    f"input_blocks.{i}.1",
+                    f"down_blocks.{lvl}.attentions.{j}",
+                    out,
+                    widths[-1] // num_head_channels,
+                )
         if down is not None:
             for p in ("weight", "bias"):
                 out[f"down_blocks.{lvl}.downsamplers.0.conv.{p}"] = src[f"input_blocks.{down}.0.op.{p}"]
@@ -91,15 +110,26 @@ def unet_from_compvis(src: dict, num_head_channels: int, sample_size: int):
             i = lvl * (nrb + 1) + j
             _resnet(src, f"output_blocks.{i}.0", f"up_blocks.{lvl}.resnets.{j}", out, True)
             if attn:
-                _attention(src, f"output_blocks.{i}.1", f"up_blocks.{lvl}.attentions.{j}", out, width // num_head_channels)
+                _attention(
+                    src, f"output_blocks.{i}.1", f"up_blocks.{lvl}.attentions.{j}", out, width // num_head_channels
+                )
             for k in (1, 2):
                 if f"output_blocks.{i}.{k}.conv.weight" in src:
                     for p in ("weight", "bias"):
                         out[f"up_blocks.{lvl}.upsamplers.0.conv.{p}"] = src[f"output_blocks.{i}.{k}.conv.{p}"]
-    config = dict(sample_size=sample_size, in_channels=src["input_blocks.0.0.weight"].shape[1],
-                  out_channels=src["out.2.weight"].shape[0], block_out_channels=tuple(widths), layers_per_block=nrb,
-                  down_block_types=tuple(down_types), up_block_types=tuple(up_types), add_attention=mid_attn,
-                  attention_head_dim=num_head_channels, flip_sin_to_cos=True, freq_shift=0)
+    config = dict(
+        sample_size=sample_size,
+        in_channels=src["input_blocks.0.0.weight"].shape[1],
+        out_channels=src["out.2.weight"].shape[0],
+        block_out_channels=tuple(widths),
+        layers_per_block=nrb,
+        down_block_types=tuple(down_types),
+        up_block_types=tuple(up_types),
+        add_attention=mid_attn,
+        attention_head_dim=num_head_channels,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
     return config, out
 
 
@@ -119,7 +149,9 @@ def vq_from_compvis(src: dict):
             _resnet(src, f"encoder.down.{lvl}.block.{j}", f"encoder.down_blocks.{lvl}.resnets.{j}", out, False)
         for p in ("weight", "bias"):
             if f"encoder.down.{lvl}.downsample.conv.{p}" in src:
-                out[f"encoder.down_blocks.{lvl}.downsamplers.0.conv.{p}"] = src[f"encoder.down.{lvl}.downsample.conv.{p}"]
+                out[f"encoder.down_blocks.{lvl}.downsamplers.0.conv.{p}"] = src[
+                    f"encoder.down.{lvl}.downsample.conv.{p}"
+                ]
         old = len(levels) - 1 - lvl  # taming lists decoder levels from high to low resolution
         for j in range(nrb + 1):
             _resnet(src, f"decoder.up.{old}.block.{j}", f"decoder.up_blocks.{lvl}.resnets.{j}", out, False)
@@ -127,26 +159,46 @@ def vq_from_compvis(src: dict):
             if f"decoder.up.{old}.upsample.conv.{p}" in src:
                 out[f"decoder.up_blocks.{lvl}.upsamplers.0.conv.{p}"] = src[f"decoder.up.{old}.upsample.conv.{p}"]
     if any(re.match(r"(encoder\.down|decoder\.up)\.\d+\.attn\.", k) for k in src):
-        raise BadInput("first stage has attention inside its levels; only the VQ-f4 layout (mid-block attention) "
-                       "is supported")
-    for k in ("quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight", "post_quant_conv.bias",
-              "quantize.embedding.weight"):
+        raise BadInput(
+            "first stage has attention inside its levels; only the VQ-f4 layout (mid-block attention) is supported"
+        )
+    for k in (
+        "quant_conv.weight",
+        "quant_conv.bias",
+        "post_quant_conv.weight",
+        "post_quant_conv.bias",
+        "quantize.embedding.weight",
+    ):
         out[k] = src[k]
     emb = src["quantize.embedding.weight"]
-    config = dict(in_channels=src["encoder.conv_in.weight"].shape[1], out_channels=src["decoder.conv_out.weight"].shape[0],
-                  latent_channels=src["quant_conv.weight"].shape[0], block_out_channels=tuple(widths),
-                  layers_per_block=nrb, down_block_types=("DownEncoderBlock2D",) * len(widths),
-                  up_block_types=("UpDecoderBlock2D",) * len(widths), num_vq_embeddings=emb.shape[0],
-                  vq_embed_dim=emb.shape[1])
+    config = dict(
+        in_channels=src["encoder.conv_in.weight"].shape[1],
+        out_channels=src["decoder.conv_out.weight"].shape[0],
+        latent_channels=src["quant_conv.weight"].shape[0],
+        block_out_channels=tuple(widths),
+        layers_per_block=nrb,
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        num_vq_embeddings=emb.shape[0],
+        vq_embed_dim=emb.shape[1],
+    )
     return config, out
 
 
-SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-             "beta_start": 0.0015, "beta_end": 0.0195, "prediction_type": "epsilon", "clip_sample": False}
+SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.0015,
+    "beta_end": 0.0195,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
 
 
-def convert_ldm(ckpt: str, out_dir: str, num_head_channels: int = 32, sample_size: int = 64,
-                norm_num_groups: int = 32) -> Path:
+def convert_ldm(
+    ckpt: str, out_dir: str, num_head_channels: int = 32, sample_size: int = 64, norm_num_groups: int = 32
+) -> Path:
     try:
         import diffusers
     except Exception:
@@ -158,8 +210,8 @@ def convert_ldm(ckpt: str, out_dir: str, num_head_channels: int = 32, sample_siz
     sd = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(sd, dict) or not any(k.startswith(UNET) for k in sd):
         raise BadInput(f"{ckpt}: expected a CompVis LDM checkpoint (state_dict with {UNET}* and {VQ}*)")
-    unet_sd = {k[len(UNET):]: v for k, v in sd.items() if k.startswith(UNET)}
-    vq_sd = {k[len(VQ):]: v for k, v in sd.items() if k.startswith(VQ)}
+    unet_sd = {k[len(UNET) :]: v for k, v in sd.items() if k.startswith(UNET)}
+    vq_sd = {k[len(VQ) :]: v for k, v in sd.items() if k.startswith(VQ)}
     try:
         u_cfg, u_w = unet_from_compvis(unet_sd, num_head_channels, sample_size)
         v_cfg, v_w = vq_from_compvis(vq_sd)
@@ -170,15 +222,24 @@ def convert_ldm(ckpt: str, out_dir: str, num_head_channels: int = 32, sample_siz
     for name, model, weights in (("unet", unet, u_w), ("vqvae", vq, v_w)):
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
-            raise BadInput(f"{ckpt}: the {name} weights do not fit the inferred architecture (missing "
-                           f"{missing[:3]}, unexpected {unexpected[:3]})")
+            raise BadInput(
+                f"{ckpt}: the {name} weights do not fit the inferred architecture (missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]})"
+            )
     out = Path(out_dir)
     unet.save_pretrained(out / "unet")
     vq.save_pretrained(out / "vqvae")
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=1))
-    (out / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline",
-                                                       "unet": ["diffusers", "UNet2DModel"],
-                                                       "vqvae": ["diffusers", "VQModel"],
-                                                       "scheduler": ["diffusers", "DDIMScheduler"]}, indent=1))
+    (out / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "LDMPipeline",
+                "unet": ["diffusers", "UNet2DModel"],
+                "vqvae": ["diffusers", "VQModel"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+            },
+            indent=1,
+        )
+    )
     return out

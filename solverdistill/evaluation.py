@@ -37,7 +37,7 @@ def cache_endpoints(solver: Solver, model, cache, indices, batch: int = 256) -> 
     outs = []
     with torch.no_grad():
         for b in range(0, len(indices), batch):
-            outs.append(solver.solve(model, *cache.start(indices[b:b + batch], model)).double().cpu())
+            outs.append(solver.solve(model, *cache.start(indices[b : b + batch], model)).double().cpu())
     return torch.cat(outs)
 
 
@@ -77,6 +77,7 @@ def inception_fd(x: torch.Tensor, ref: torch.Tensor, inception: Optional[str] = 
     """FID between two sets of [-1, 1] images through the Inception network (legacy_tensorflow mode)."""
     from .fid import InceptionFeatures, inception_path
     from .images import to_uint8_nchw
+
     net = InceptionFeatures(inception_path(inception))
     a, b = FeatureStats(), FeatureStats()
     for part in x.split(batch):

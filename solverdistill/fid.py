@@ -44,7 +44,7 @@ class FeatureStats:
         self.s1 += f.sum(0)
         self.s2 += f.T @ f
 
-    def merge(self, other: "FeatureStats") -> "FeatureStats":
+    def merge(self, other: FeatureStats) -> FeatureStats:
         out = FeatureStats()
         out.n, out.s1, out.s2 = self.n + other.n, self.s1 + other.s1, self.s2 + other.s2
         return out
@@ -72,16 +72,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def inception_path(explicit: str | None) -> Path:
-    candidates = [explicit] if explicit else [os.environ.get("SDISTILL_INCEPTION"),
-                                              str(Path.home() / ".cache" / "sdistill" / INCEPTION_FILE)]
+    candidates = (
+        [explicit]
+        if explicit
+        else [os.environ.get("SDISTILL_INCEPTION"), str(Path.home() / ".cache" / "sdistill" / INCEPTION_FILE)]
+    )
     for c in candidates:
         if c and Path(c).is_file():
             return Path(c)
     where = explicit or candidates[-1]
-    raise BadInput(f"--inception: the Inception-v3 TorchScript weights are not at {where}. Expected the file "
-                   f"{INCEPTION_FILE} (sha256 {INCEPTION_SHA256}), published by NVIDIA with the StyleGAN2-ADA metrics at "
-                   f"{INCEPTION_URL}; pass "
-                   "--inception PATH or set SDISTILL_INCEPTION. Nothing is downloaded.")
+    raise BadInput(
+        f"--inception: the Inception-v3 TorchScript weights are not at {where}. Expected the file "
+        f"{INCEPTION_FILE} (sha256 {INCEPTION_SHA256}), published by NVIDIA with the StyleGAN2-ADA metrics at "
+        f"{INCEPTION_URL}; pass "
+        "--inception PATH or set SDISTILL_INCEPTION. Nothing is downloaded."
+    )
 
 
 class InceptionFeatures:
@@ -93,12 +98,15 @@ class InceptionFeatures:
         if mode not in ("legacy_tensorflow", "clean"):
             raise BadInput(f"--mode: expected legacy_tensorflow or clean, got {mode!r}")
         import warnings
+
         try:
             with warnings.catch_warnings():  # TorchScript is deprecated upstream, but it is the published format
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.net = torch.jit.load(str(path), map_location=device).eval()
         except Exception as e:
-            raise BadInput(f"--inception: {path} is not a loadable TorchScript file ({type(e).__name__}: {e})") from None
+            raise BadInput(
+                f"--inception: {path} is not a loadable TorchScript file ({type(e).__name__}: {e})"
+            ) from None
         self.mode, self.device = mode, torch.device(device)
 
     @torch.no_grad()
@@ -115,10 +123,13 @@ class InceptionFeatures:
 
 def clean_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
     from PIL import Image
+
     out = []
     for im in x.permute(0, 2, 3, 1).numpy():
-        ch = [np.asarray(Image.fromarray(im[..., c]).resize((size, size), Image.BICUBIC), dtype=np.float32)
-              for c in range(im.shape[-1])]
+        ch = [
+            np.asarray(Image.fromarray(im[..., c]).resize((size, size), Image.BICUBIC), dtype=np.float32)
+            for c in range(im.shape[-1])
+        ]
         out.append(np.stack(ch, 0))
     return torch.from_numpy(np.clip(np.stack(out), 0, 255).round().astype(np.uint8))
 
@@ -132,6 +143,7 @@ def iter_images(source: str, batch: int):
     """Batches of uint8 [B, C, H, W] from a samples.npz (`images` if present, else `x`, in [-1, 1]) or a folder
     of PNG/JPEG files (sorted by name). Reads lazily: memory does not grow with the number of samples."""
     from PIL import Image, UnidentifiedImageError
+
     p = Path(source)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -140,7 +152,7 @@ def iter_images(source: str, batch: int):
         size = None
         for b in range(0, len(files), batch):
             arrs = []
-            for f in files[b:b + batch]:
+            for f in files[b : b + batch]:
                 try:
                     with Image.open(f) as im:
                         a = np.asarray(im.convert("RGB"))
@@ -149,12 +161,15 @@ def iter_images(source: str, batch: int):
                 if size is None:
                     size = a.shape
                 elif a.shape != size:
-                    raise BadInput(f"{f}: image size {a.shape[1]}x{a.shape[0]} differs from the first image's "
-                                   f"{size[1]}x{size[0]}; all images must have one size")
+                    raise BadInput(
+                        f"{f}: image size {a.shape[1]}x{a.shape[0]} differs from the first image's "
+                        f"{size[1]}x{size[0]}; all images must have one size"
+                    )
                 arrs.append(a)
             yield torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
         return
     from .npzfiles import read_npz
+
     if not p.is_file():
         raise BadInput(f"{p}: no such samples file or image folder")
     arrays, _ = read_npz(p, "samples file")
@@ -162,7 +177,7 @@ def iter_images(source: str, batch: int):
     if x is None or x.ndim != 4:
         raise BadInput(f"{p}: expected an array 'x' (or 'images') of shape [N, C, H, W]")
     for b in range(0, len(x), batch):
-        yield to_uint8_nchw(torch.from_numpy(np.asarray(x[b:b + batch])))
+        yield to_uint8_nchw(torch.from_numpy(np.asarray(x[b : b + batch])))
 
 
 def iter_pixels(source: str, batch: int):
@@ -171,12 +186,13 @@ def iter_pixels(source: str, batch: int):
     p = Path(source)
     if p.is_file() and p.suffix == ".npz":
         from .npzfiles import read_npz
+
         arrays, _ = read_npz(p, "samples file")
         x = arrays.get("images", arrays.get("x"))
         if x is None:
             raise BadInput(f"{p}: expected an array 'x'")
         for b in range(0, len(x), batch):
-            yield torch.from_numpy(np.asarray(x[b:b + batch], dtype=np.float64)).flatten(1)
+            yield torch.from_numpy(np.asarray(x[b : b + batch], dtype=np.float64)).flatten(1)
         return
     for u8 in iter_images(source, batch):
         yield (u8.to(torch.float64) - 127.5) / 127.5
@@ -186,6 +202,7 @@ def prefetch(iterator, depth: int = 2):
     """Run a batch iterator in a background thread so decoding overlaps the network."""
     import queue
     import threading
+
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
@@ -238,8 +255,9 @@ class FIDResult:
     reference: str
 
 
-def compute_stats(source: str, features: str, mode: str, batch: int, device, inception: str | None,
-                  progress=None) -> FeatureStats:
+def compute_stats(
+    source: str, features: str, mode: str, batch: int, device, inception: str | None, progress=None
+) -> FeatureStats:
     stats = FeatureStats()
     if features == "pixels":
         batches = prefetch(iter_pixels(source, batch))
@@ -266,6 +284,7 @@ def reference_stats(ref: str, features: str, mode: str, batch, device, inception
         return s.mean(), s.cov(), str(p)
     if ":" in ref:  # a model spec: exact moments of an analytic model, pixel features only
         from .models import resolve
+
         model = resolve(ref)
         if not hasattr(model, "data_cov"):
             raise BadInput(f"--ref {ref}: this model has no exact data moments; give a statistics file or images")
@@ -274,9 +293,11 @@ def reference_stats(ref: str, features: str, mode: str, batch, device, inception
         return model.data_mean().numpy(), model.data_cov().numpy(), f"{ref} (exact mixture moments)"
     found = sorted(stats_dir().glob(f"{ref}.npz")) + sorted(stats_dir().glob(f"{ref}-*.npz"))
     if not found:
-        raise BadInput(f"--ref: {ref!r} is not a file, a folder, a model spec, or a dataset with a statistics file "
-                       f"in {stats_dir()} (expected {ref}.npz or {ref}-*.npz with 'mu' and 'sigma'; set "
-                       "SDISTILL_STATS to another folder)")
+        raise BadInput(
+            f"--ref: {ref!r} is not a file, a folder, a model spec, or a dataset with a statistics file "
+            f"in {stats_dir()} (expected {ref}.npz or {ref}-*.npz with 'mu' and 'sigma'; set "
+            "SDISTILL_STATS to another folder)"
+        )
     mu, sigma = load_stats(found[0])
     return mu, sigma, str(found[0])
 

@@ -5,8 +5,9 @@ Seeds are per sample: sample `seed` always starts from the same noise, whatever 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -25,7 +26,7 @@ class CountingDenoiser:
     def calls(self) -> int:
         return self._cell[0]
 
-    def with_model(self, other) -> "CountingDenoiser":
+    def with_model(self, other) -> CountingDenoiser:
         """The same counter around another denoiser (a student that carries its own fine-tuned network)."""
         return CountingDenoiser(other, self._cell)
 
@@ -53,9 +54,15 @@ class Result:
     network_passes: int
 
 
-def generate(model, solver: Solver, seeds: list[int], batch: int = 64, cond_for: Optional[Callable] = None,
-             callback: Optional[Callable[[list[int], Step], None]] = None,
-             progress: Optional[Callable[[int], None]] = None) -> Result:
+def generate(
+    model,
+    solver: Solver,
+    seeds: list[int],
+    batch: int = 64,
+    cond_for: Optional[Callable] = None,
+    callback: Optional[Callable[[list[int], Step], None]] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> Result:
     """Run `solver` from sigma_max * noise(seed) for every seed, in batches; returns samples, noise and the
     measured NFE per sample. `progress(n_done)` is called after each batch; `callback(batch_seeds, step)` sees
     every step."""
@@ -67,7 +74,7 @@ def generate(model, solver: Solver, seeds: list[int], batch: int = 64, cond_for:
     xs, zs = [], []
     calls_per_sample = None
     for start in range(0, len(seeds), batch):
-        chunk = seeds[start:start + batch]
+        chunk = seeds[start : start + batch]
         z = initial_noise(chunk, model.shape, model.dtype, model.device)
         cond = cond_for(chunk) if cond_for else None
         before = counter.calls

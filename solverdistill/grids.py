@@ -23,7 +23,9 @@ def polynomial(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> 
 def logsnr(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """Uniform in log sigma (= uniform in log-SNR)."""
     i = torch.arange(n + 1, dtype=torch.float64) / n
-    return _pin_ends(torch.exp(math.log(sigma_max) + i * (math.log(sigma_min) - math.log(sigma_max))), sigma_min, sigma_max)
+    return _pin_ends(
+        torch.exp(math.log(sigma_max) + i * (math.log(sigma_min) - math.log(sigma_max))), sigma_min, sigma_max
+    )
 
 
 class VPTime:
@@ -77,8 +79,10 @@ def parse_schedule(text: str) -> tuple[str, float | None] | list[float]:
         return values
     name, _, arg = text.partition(":")
     if name not in SCHEDULES:
-        raise BadInput(f"--schedule: unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}, "
-                       "name:rho, or a comma-separated list of sigmas")
+        raise BadInput(
+            f"--schedule: unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}, "
+            "name:rho, or a comma-separated list of sigmas"
+        )
     if not arg:
         return name, None
     if name == "logsnr":
@@ -106,7 +110,9 @@ def make_grid(schedule: str | tuple | list, steps: int, sigma_min: float, sigma_
     spec = parse_schedule(schedule) if isinstance(schedule, str) else schedule
     if isinstance(spec, list):
         if len(spec) != steps + 1:
-            raise BadInput(f"--schedule: this solver and NFE need {steps + 1} sigmas, the explicit grid has {len(spec)}")
+            raise BadInput(
+                f"--schedule: this solver and NFE need {steps + 1} sigmas, the explicit grid has {len(spec)}"
+            )
         return torch.tensor(spec, dtype=torch.float64)
     if steps < 1:
         raise BadInput(f"a grid needs at least 1 step, got {steps}")

@@ -33,13 +33,14 @@ def image_grid(x: np.ndarray, cols: int | None = None) -> np.ndarray:
     grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
     for i, im in enumerate(imgs):
         r, k = divmod(i, cols)
-        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = im
+        grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = im
     return grid[..., 0] if c == 1 else grid
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
     """A uint8 array as a PNG file."""
     from PIL import Image
+
     Image.fromarray(array).save(path)
 
 
@@ -56,8 +57,10 @@ def save_pictures(x: np.ndarray, out: Path, png_each: bool = False, title: str =
                 save_png(im[..., 0] if im.shape[-1] == 1 else im, out / "png" / f"{i:06d}.png")
     elif shape == (2,):
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter(x[:, 0], x[:, 1], s=4, alpha=0.6)
         ax.set_aspect("equal")
@@ -75,5 +78,5 @@ def as_images(x: np.ndarray) -> np.ndarray:
     flat = x.reshape(len(x), -1)
     side = math.ceil(math.sqrt(flat.shape[1]))
     padded = np.zeros((len(x), side * side), dtype=np.float32)
-    padded[:, :flat.shape[1]] = flat
+    padded[:, : flat.shape[1]] = flat
     return np.kron(padded.reshape(len(x), 1, side, side), np.ones((1, 1, 8, 8), dtype=np.float32))

@@ -45,8 +45,10 @@ def read_npz(path, what: str = "file") -> tuple[dict, dict]:
             arrays = {k: f[k] for k in f.files}
     except ValueError as e:
         if "pickle" in str(e).lower():
-            raise BadInput(f"{path}: holds a pickled object array; a {what} holds plain numbers only, "
-                           "and nothing in it is ever executed") from None
+            raise BadInput(
+                f"{path}: holds a pickled object array; a {what} holds plain numbers only, "
+                "and nothing in it is ever executed"
+            ) from None
         raise BadInput(f"{path}: not a readable NPZ {what} ({e})") from None
     except (OSError, EOFError) as e:
         raise BadInput(f"{path}: not a readable NPZ {what} ({e})") from None

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from . import artifacts, students
 from .devices import resolve_device, resolve_dtype
@@ -38,29 +39,34 @@ class Workspace:
     teacher_built: bool = False
 
 
-def teacher_cache(recipe: Recipe, model, say: Say = print,
-                  progress_factory: ProgressFactory = no_progress) -> tuple[TeacherCache, bool]:
+def teacher_cache(
+    recipe: Recipe, model, say: Say = print, progress_factory: ProgressFactory = no_progress
+) -> tuple[TeacherCache, bool]:
     """The recipe's teacher cache, integrating what is missing first (with `model`, already resolved).
     Returns the cache and whether anything was integrated."""
     job = prepare_teacher(recipe, model)
     if job.missing:
-        say(f"teacher cache {job.root} missing or incomplete: building it first ({job.missing} of "
-            f"{recipe.teacher.num_samples} samples to integrate)")
+        say(
+            f"teacher cache {job.root} missing or incomplete: building it first ({job.missing} of "
+            f"{recipe.teacher.num_samples} samples to integrate)"
+        )
         with progress_factory(job.missing, "teacher") as bar:
             job.run(progress=bar)
     return TeacherCache.open(job.root), bool(job.missing)
 
 
-def open_workspace(recipe: Recipe, device: str = "auto", say: Say = print,
-                   progress_factory: ProgressFactory = no_progress) -> Workspace:
+def open_workspace(
+    recipe: Recipe, device: str = "auto", say: Say = print, progress_factory: ProgressFactory = no_progress
+) -> Workspace:
     """Resolve the recipe's model on `device` (in teacher.compute_dtype) and open (or build) its cache."""
     model = resolve(recipe.model.spec, device=resolve_device(device), dtype=resolve_dtype(recipe.teacher.compute_dtype))
     cache, built = teacher_cache(recipe, model, say, progress_factory)
     return Workspace(recipe, model, cache, built)
 
 
-def method_configs(recipe: Recipe, method_name: Optional[str] = None, nfe: Optional[int] = None,
-                   say: Say = print) -> tuple[students.Method, Any, Any]:
+def method_configs(
+    recipe: Recipe, method_name: Optional[str] = None, nfe: Optional[int] = None, say: Say = print
+) -> tuple[students.Method, Any, Any]:
     """The student method and its validated `student` / `train` settings for this recipe, without changing the
     recipe. `method_name` switches methods (keeping the recipe keys the other method knows); `nfe` overrides
     student.nfe."""
@@ -71,8 +77,10 @@ def method_configs(recipe: Recipe, method_name: Optional[str] = None, nfe: Optio
         known_s, known_t = method.keys()
         student = {k: v for k, v in student.items() if k in known_s} | {"method": method.name}
         train = {k: v for k, v in train.items() if k in known_t}
-        say(f"--method {method.name}: using the recipe's keys that {method.name} knows "
-            f"({', '.join(sorted(set(student) | set(train)))})")
+        say(
+            f"--method {method.name}: using the recipe's keys that {method.name} knows "
+            f"({', '.join(sorted(set(student) | set(train)))})"
+        )
     if nfe is not None:
         student["nfe"] = nfe
     s_cfg, t_cfg = method.configs(student, train)
@@ -90,9 +98,16 @@ class DistillReport:
     metrics: dict = field(default_factory=dict)
 
 
-def distill(recipe: Recipe, *, method_name: Optional[str] = None, nfe: Optional[int] = None,
-            out: Optional[str] = None, workspace: Optional[Workspace] = None, say: Say = print,
-            progress_factory: ProgressFactory = no_progress) -> DistillReport:
+def distill(
+    recipe: Recipe,
+    *,
+    method_name: Optional[str] = None,
+    nfe: Optional[int] = None,
+    out: Optional[str] = None,
+    workspace: Optional[Workspace] = None,
+    say: Say = print,
+    progress_factory: ProgressFactory = no_progress,
+) -> DistillReport:
     """Fit the recipe's student (or `method_name`'s, at `nfe`), measure it, its untrained self and every
     handcrafted solver at its NFE on the held-out seeds, and save the artifact with those metrics."""
     began = time.time()
@@ -107,14 +122,27 @@ def distill(recipe: Recipe, *, method_name: Optional[str] = None, nfe: Optional[
     base = {name: heldout_rmse(p, model, cache, held) for name, p in sweep(s_cfg.nfe, model).items()}
     best = min(base, key=base.get)
     artifact.meta["teacher"] = {k: v for k, v in cache.spec.items() if k != "grid"} | {"steps": cache.steps}
-    artifact.meta["metrics"] = {"heldout_rmse": student_rmse, "initial_rmse": initial, "best_handcrafted": best,
-                                "best_handcrafted_rmse": base[best], "handcrafted_rmse": base,
-                                "heldout_samples": len(held)}
+    artifact.meta["metrics"] = {
+        "heldout_rmse": student_rmse,
+        "initial_rmse": initial,
+        "best_handcrafted": best,
+        "best_handcrafted_rmse": base[best],
+        "handcrafted_rmse": base,
+        "heldout_samples": len(held),
+    }
     teacher_nfe = cache.steps * get_solver(cache.spec["solver"]).calls_per_step + 1
-    artifact.meta["cost"] = {"wall_seconds": time.time() - began, "teacher_nfe_per_sample": teacher_nfe,
-                             "teacher_samples": cache.num_samples, "student_nfe": s_cfg.nfe}
+    artifact.meta["cost"] = {
+        "wall_seconds": time.time() - began,
+        "teacher_nfe_per_sample": teacher_nfe,
+        "teacher_samples": cache.num_samples,
+        "student_nfe": s_cfg.nfe,
+    }
     path = artifacts.save(artifact, out or recipe.output or f"out/{recipe.name}_{method.name}.npz")
-    rows = [(f"{method.name} (this artifact)", student_rmse), ("initial / base solver", initial),
-            (f"best handcrafted: {best}", base[best])]
-    return DistillReport(path, method.name, s_cfg.nfe, rows, time.time() - began, ws.teacher_built,
-                         artifact.meta["metrics"])
+    rows = [
+        (f"{method.name} (this artifact)", student_rmse),
+        ("initial / base solver", initial),
+        (f"best handcrafted: {best}", base[best]),
+    ]
+    return DistillReport(
+        path, method.name, s_cfg.nfe, rows, time.time() - began, ws.teacher_built, artifact.meta["metrics"]
+    )

@@ -66,6 +66,7 @@ def _expand(value: str, where: str) -> str:
         if m.group(1) not in os.environ:
             raise BadInput(f"{where}: environment variable {m.group(1)} is not set")
         return os.environ[m.group(1)]
+
     return _ENV.sub(sub, value)
 
 
@@ -91,9 +92,12 @@ def _coerce(tp, value, key, limits):
         if not isinstance(value, dict):
             raise BadInput(f"{key}: expected a mapping, got {type(value).__name__}")
         return value
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}[tp]
+    ok = {
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[tp]
     if not ok(value):
         raise BadInput(f"{key}: expected {tp.__name__}, got {value!r}")
     if tp is str:
@@ -105,8 +109,7 @@ def _coerce(tp, value, key, limits):
     return float(value) if tp is float else value
 
 
-def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
-                require_model: bool = True) -> Recipe:
+def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None, require_model: bool = True) -> Recipe:
     """Read, expand, override (`{"teacher.num_samples": 10}`; None values are ignored) and validate."""
     p = Path(path)
     try:

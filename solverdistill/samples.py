@@ -49,14 +49,32 @@ def load_solver(solver, model_spec, nfe, schedule, afs, lower_order_final, devic
 def with_options(spec: str | None, **options) -> str | None:
     """Append model options given as flags (--prompt, --prompts, --guidance) to a spec's query string."""
     from urllib.parse import urlencode
+
     given = {k: v for k, v in options.items() if v is not None}
     if spec is None or not given:
         return spec
     return spec + ("&" if "?" in spec else "?") + urlencode(given)
 
 
-def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, seed, batch, out_dir: Path,
-               device, dtype, png, progress, force=False, precision="fp32") -> str:
+def run_sample(
+    *,
+    model,
+    solver,
+    nfe,
+    schedule,
+    afs,
+    lower_order_final,
+    num,
+    seed,
+    batch,
+    out_dir: Path,
+    device,
+    dtype,
+    png,
+    progress,
+    force=False,
+    precision="fp32",
+) -> str:
     """Sample seeds [seed, seed + num) and write samples.npz and pictures to out_dir; returns a summary line."""
     if num < 1:
         raise BadInput(f"--num: must be >= 1, got {num}")
@@ -76,9 +94,21 @@ def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, see
     per_sample = getattr(sol, "per_sample_grid", False)
     with progress as bar:
         res = generate(den, sol, seeds, batch=batch, progress=bar, callback=keep_grid if per_sample else None)
-    meta = {"format": "sdistill-samples", "version": __version__, "model": den.spec,
-            "model_fingerprint": den.fingerprint, **sol.describe(), **extra, "nfe": res.nfe,
-            "network_passes": res.network_passes, "precision": precision, "seed": seed, "num": num, "dtype": dtype, "device": str(dev)}
+    meta = {
+        "format": "sdistill-samples",
+        "version": __version__,
+        "model": den.spec,
+        "model_fingerprint": den.fingerprint,
+        **sol.describe(),
+        **extra,
+        "nfe": res.nfe,
+        "network_passes": res.network_passes,
+        "precision": precision,
+        "seed": seed,
+        "num": num,
+        "dtype": dtype,
+        "device": str(dev),
+    }
     arrays = {"x": res.x.numpy(), "z": res.z.numpy(), "seeds": res.seeds}
     if grids:
         arrays["grids"] = per_sample_grids(grids, num).numpy()
@@ -86,14 +116,17 @@ def run_sample(*, model, solver, nfe, schedule, afs, lower_order_final, num, see
     shown_x = res.x.numpy()
     if callable(getattr(den, "decode", None)):  # latent models: x and z are latents, images are decoded
         with torch.no_grad():
-            arrays["images"] = torch.cat([den.decode(part.to(den.device)).float().cpu()
-                                          for part in res.x.split(batch)]).numpy()
+            arrays["images"] = torch.cat(
+                [den.decode(part.to(den.device)).float().cpu() for part in res.x.split(batch)]
+            ).numpy()
         shown_x = arrays["images"]
     write_npz(out / "samples.npz", meta, **arrays)
     pictures = save_pictures(shown_x, out, png_each=png, title=f"{meta['solver']}, NFE {res.nfe}")
     shown = ", ".join(str(pth) for pth in [out / "samples.npz", *pictures])
-    return (f"{num} samples, {meta['solver']}, NFE {res.nfe} ({res.network_passes} network passes), "
-            f"{'AFS, ' if meta.get('afs') else ''}{meta.get('steps', '?')} steps -> {shown}")
+    return (
+        f"{num} samples, {meta['solver']}, NFE {res.nfe} ({res.network_passes} network passes), "
+        f"{'AFS, ' if meta.get('afs') else ''}{meta.get('steps', '?')} steps -> {shown}"
+    )
 
 
 def per_sample_grids(records, num: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ def command(
     """The reference benchmark: quality, acceleration, distillation cost, overheads; writes out/bench/report.*."""
     from ..bench import render, run_bench, write_report
     from ..devices import resolve_device
+
     report = run_bench(str(recipe), num, resolve_device(device), inception, quick, say=say)
     md, js = write_report(report, out_dir)
     print(render(report))

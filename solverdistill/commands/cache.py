@@ -16,6 +16,7 @@ def info(
 ):
     """Print a cache's spec and size; with --verify, check every shard (exit 1 when any is bad)."""
     from ..teacher.cache import TeacherCache, verify
+
     bad = verify(folder) if verify_sums else []
     table = Table(title=f"teacher cache {folder}")
     table.add_column("field")

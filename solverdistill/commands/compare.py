@@ -28,16 +28,21 @@ def parse_list(text: str, flag: str, cast=str) -> list:
 
 
 def command(
-    solvers_: str = typer.Option("ddim,dpm++,dlms", "--solvers", help="Comma-separated: handcrafted names (+afs), "
-                                 "artifact paths, or student methods (dlms, dode, sfd, plugins)."),
+    solvers_: str = typer.Option(
+        "ddim,dpm++,dlms",
+        "--solvers",
+        help="Comma-separated: handcrafted names (+afs), "
+        "artifact paths, or student methods (dlms, dode, sfd, plugins).",
+    ),
     nfe: str = typer.Option("3,4,5,6,8,10", "--nfe", help="Comma-separated NFEs."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe: model, teacher cache (reference), students."),
     model: Optional[str] = typer.Option(None, "--model", help="Model spec (reference: an RK4 solve run here)."),
     num: int = typer.Option(1000, "--num", help="Number of seeds."),
     seed: Optional[int] = typer.Option(None, "--seed", help="First seed (with --model; default 1000000)."),
     metric: str = typer.Option("rmse", "--metric", help="Comma-separated: rmse, psnr, fd, fid."),
-    artifacts_dir: Optional[str] = typer.Option(None, "--artifacts", help="Artifact folders, comma-separated "
-                                                "(default: out, then solvers)."),
+    artifacts_dir: Optional[str] = typer.Option(
+        None, "--artifacts", help="Artifact folders, comma-separated (default: out, then solvers)."
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows as JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write rows as CSV."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Metric-versus-NFE plot (PNG)."),
@@ -48,22 +53,38 @@ def command(
     """Compare solvers across NFEs on the same seeds: table, JSON/CSV rows, plot and image grid."""
     from ..comparison import run_compare
     from ..recipes import load_recipe
+
     names = parse_list(solvers_, "--solvers")
     nfes = parse_list(nfe, "--nfe", int)
     metrics = parse_list(metric, "--metric")
     rec = load_recipe(recipe) if recipe else None
-    folders = [Path(p) for p in parse_list(artifacts_dir, "--artifacts")] if artifacts_dir else [Path("out"), Path("solvers")]
+    folders = (
+        [Path(p) for p in parse_list(artifacts_dir, "--artifacts")] if artifacts_dir else [Path("out"), Path("solvers")]
+    )
     began = time.time()
-    comp = run_compare(names, nfes, recipe=rec, model_spec=model, num=num, seed=seed, metrics=metrics,
-                       folders=folders, say=say, progress_factory=progress(quiet), inception=inception)
+    comp = run_compare(
+        names,
+        nfes,
+        recipe=rec,
+        model_spec=model,
+        num=num,
+        seed=seed,
+        metrics=metrics,
+        folders=folders,
+        say=say,
+        progress_factory=progress(quiet),
+        inception=inception,
+    )
     for m in metrics:
         out.print(table(comp, m, names, nfes))
     for note in comp.notes:
         say(note)
     written = write_outputs(comp, json_out, csv_out, plot_out, grid_out)
     line(f"{comp.samples} seeds; reference: {comp.reference}")
-    line(f"* best per column; NFE = denoiser calls, (Np) = network passes where they differ. "
-         f"{time.time() - began:.1f}s" + (f"; wrote {', '.join(map(str, written))}" if written else ""))
+    line(
+        f"* best per column; NFE = denoiser calls, (Np) = network passes where they differ. "
+        f"{time.time() - began:.1f}s" + (f"; wrote {', '.join(map(str, written))}" if written else "")
+    )
 
 
 def table(comp, metric: str, names: list[str], nfes: list[int]) -> Table:
@@ -90,11 +111,13 @@ def table(comp, metric: str, names: list[str], nfes: list[int]) -> Table:
 def write_outputs(comp, json_path=None, csv_path=None, plot_path=None, grid_path=None) -> list[Path]:
     """The rows as JSON and CSV, the plot and the image grid, where asked for."""
     from ..images import as_images, image_grid, save_png
+
     written = []
     try:
         if json_path:
-            Path(json_path).write_text(json.dumps({"reference": comp.reference, "samples": comp.samples,
-                                                   "rows": comp.rows}, indent=1))
+            Path(json_path).write_text(
+                json.dumps({"reference": comp.reference, "samples": comp.samples, "rows": comp.rows}, indent=1)
+            )
             written.append(Path(json_path))
         if csv_path:
             with open(csv_path, "w", newline="") as f:
@@ -117,8 +140,10 @@ def write_outputs(comp, json_path=None, csv_path=None, plot_path=None, grid_path
 def plot(comp, path) -> None:
     """Metric versus NFE, log-log, one line per solver and one panel per metric."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     metrics = list(dict.fromkeys(r["metric"] for r in comp.rows))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):

@@ -18,5 +18,6 @@ def ldm(
 ):
     """CompVis latent diffusion checkpoint (UNet + VQ first stage) -> diffusers folder (use as diffusers:OUT)."""
     from ..convert import convert_ldm
+
     path = convert_ldm(str(ckpt), str(out_dir), num_head_channels, sample_size, norm_groups)
     line(f"wrote {path} (unet/, vqvae/, scheduler/); sample with --model diffusers:{path}")

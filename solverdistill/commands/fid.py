@@ -14,8 +14,12 @@ from .console import line, say
 
 def command(
     samples: Optional[str] = typer.Argument(None, help="samples.npz or a folder of PNG/JPEG images."),
-    ref: Optional[str] = typer.Option(None, "--ref", help="Statistics .npz (mu, sigma), image folder, dataset "
-                                      "name with a local statistics file, or (pixels) a gmm: model spec."),
+    ref: Optional[str] = typer.Option(
+        None,
+        "--ref",
+        help="Statistics .npz (mu, sigma), image folder, dataset "
+        "name with a local statistics file, or (pixels) a gmm: model spec.",
+    ),
     features: str = typer.Option("inception", "--features", help="inception or pixels."),
     mode: str = typer.Option("legacy_tensorflow", "--mode", help="legacy_tensorflow (papers) or clean."),
     batch: int = typer.Option(64, "--batch", help="Images per batch."),
@@ -29,6 +33,7 @@ def command(
     from ..devices import resolve_device
     from ..fid import make_ref as write_ref
     from ..fid import run_fid
+
     dev = resolve_device(device)
     if make_ref:
         if out_path is None:
@@ -40,8 +45,17 @@ def command(
         raise BadInput("give SAMPLES and --ref (or --make-ref IMAGES --out ref.npz)")
     r = run_fid(samples, ref, features, mode, batch, dev, inception)
     if as_json:
-        print(json.dumps({"fid": r.distance, "samples": r.samples, "features": r.features, "mode": r.mode,
-                          "reference": r.reference}))
+        print(
+            json.dumps(
+                {
+                    "fid": r.distance,
+                    "samples": r.samples,
+                    "features": r.features,
+                    "mode": r.mode,
+                    "reference": r.reference,
+                }
+            )
+        )
     else:
         say(f"{r.samples} samples, {r.features} features ({r.mode}), reference {r.reference}")
         print(f"{r.distance:.6g}")

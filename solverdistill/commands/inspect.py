@@ -14,6 +14,7 @@ from .console import out
 def command(artifact: Path = typer.Argument(..., help="Solver artifact (.npz or .yaml).")):
     """Print an artifact's meta and arrays."""
     from ..artifacts import load
+
     a = load(artifact)
     out.print_json(json.dumps(a.meta, default=str))
     table = Table(title="arrays")

@@ -22,10 +22,20 @@ def command(
     """Integrate the ODE accurately from many seeds and cache the trajectories (resumable, sharded)."""
     from ..recipes import load_recipe
     from ..teacher.run import prepare_teacher
-    r = load_recipe(recipe, {"teacher.cache": str(cache) if cache else None, "teacher.num_samples": num,
-                             "teacher.batch": batch, "teacher.device": device})
+
+    r = load_recipe(
+        recipe,
+        {
+            "teacher.cache": str(cache) if cache else None,
+            "teacher.num_samples": num,
+            "teacher.batch": batch,
+            "teacher.device": device,
+        },
+    )
     job = prepare_teacher(r, overwrite=overwrite)
     with progress(quiet)(job.missing, "teacher") as bar:
         rep = job.run(progress=bar)
-    line(f"{rep.root}: {rep.total} samples ({rep.generated} integrated now, {rep.reused} already cached), "
-         f"{rep.nfe_per_sample} NFE per sample, {rep.seconds:.1f}s")
+    line(
+        f"{rep.root}: {rep.total} samples ({rep.generated} integrated now, {rep.reused} already cached), "
+        f"{rep.nfe_per_sample} NFE per sample, {rep.seconds:.1f}s"
+    )

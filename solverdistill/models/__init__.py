@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import yaml
 
@@ -30,44 +30,71 @@ def register_backend(scheme: str, load: Callable[[str, str], Denoiser], help: st
 
 def _gmm(body, spec):
     from . import gmm
+
     return gmm.load(body, spec)
 
 
 def _python(body, spec):
     from . import python_factory
+
     return python_factory.load(body, spec)
 
 
 def _edm(body, spec):
     from . import edm
+
     return edm.load(body, spec)
 
 
-register_backend("edm", _edm, "EDM checkpoint (.pkl with an 'ema' network); loads only vouched-for files",
-                 ("edm:/models/edm-cifar10-32x32-uncond-vp.pkl",))
+register_backend(
+    "edm",
+    _edm,
+    "EDM checkpoint (.pkl with an 'ema' network); loads only vouched-for files",
+    ("edm:/models/edm-cifar10-32x32-uncond-vp.pkl",),
+)
+
+
 def _diffusers(body, spec):
     from . import diffusers_models
+
     return diffusers_models.load(body, spec)
 
 
-register_backend("diffusers", _diffusers, "diffusers folder (pixel UNet2DModel with its DDPM scheduler config)",
-                 ("diffusers:/models/ddpm-cifar10-32",))
+register_backend(
+    "diffusers",
+    _diffusers,
+    "diffusers folder (pixel UNet2DModel with its DDPM scheduler config)",
+    ("diffusers:/models/ddpm-cifar10-32",),
+)
+
+
 def _toy(body, spec):
     from . import toy
+
     return toy.load(body, spec)
 
 
-register_backend("toy", _toy, "small EDM-preconditioned UNet shipped with the package (trained on gmm:cifar)",
-                 ("toy:unet-gmm",))
-register_backend("gmm", _gmm, "analytic Gaussian mixture with an exact denoiser",
-                 ("gmm:tiny", "gmm:ring2d", "gmm:cifar", "gmm:shape=3x16x16,components=6,rank=8,seed=3"))
-register_backend("python", _python, "your own factory returning D(x, sigma, cond) with sigma_min, sigma_max, shape",
-                 ("python:mypkg.models:make_denoiser",))
+register_backend(
+    "toy", _toy, "small EDM-preconditioned UNet shipped with the package (trained on gmm:cifar)", ("toy:unet-gmm",)
+)
+register_backend(
+    "gmm",
+    _gmm,
+    "analytic Gaussian mixture with an exact denoiser",
+    ("gmm:tiny", "gmm:ring2d", "gmm:cifar", "gmm:shape=3x16x16,components=6,rank=8,seed=3"),
+)
+register_backend(
+    "python",
+    _python,
+    "your own factory returning D(x, sigma, cond) with sigma_min, sigma_max, shape",
+    ("python:mypkg.models:make_denoiser",),
+)
 
 
 def _entry_point_backends() -> None:
     try:
         from importlib.metadata import entry_points
+
         for ep in entry_points(group="solverdistill.backends"):
             if ep.name not in BACKENDS:
                 register_backend(ep.name, ep.load(), f"plugin {ep.value}")
@@ -98,9 +125,11 @@ def resolve(spec: str, device=None, dtype=None) -> Denoiser:
     if scheme not in BACKENDS:
         _entry_point_backends()
     if not sep or scheme not in BACKENDS:
-        raise BadInput(f"--model: unknown model spec {spec!r}; schemes are "
-                       f"{', '.join(s + ':' for s in BACKENDS)} or a YAML file with a model block "
-                       "(see `sdistill models`)")
+        raise BadInput(
+            f"--model: unknown model spec {spec!r}; schemes are "
+            f"{', '.join(s + ':' for s in BACKENDS)} or a YAML file with a model block "
+            "(see `sdistill models`)"
+        )
     model = BACKENDS[scheme].load(body, spec)
     return model.to(device, dtype) if (device is not None or dtype is not None) else model
 

@@ -35,10 +35,10 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
         raise NotImplementedError  # abstract
 
-    def to(self, device=None, dtype=None) -> "Denoiser":
+    def to(self, device=None, dtype=None) -> Denoiser:
         return self
 
-    def set_precision(self, precision: str) -> "Denoiser":
+    def set_precision(self, precision: str) -> Denoiser:
         """Mixed precision for the network (`--precision fp16|bf16|fp32`); the solver state stays in its own
         dtype. On CUDA the network also goes channels-last."""
         if precision not in PRECISIONS:

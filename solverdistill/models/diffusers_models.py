@@ -45,13 +45,15 @@ def alphas_cumprod(cfg: dict) -> np.ndarray:
         if kind == "linear":
             betas = np.linspace(b0, b1, n, dtype=np.float64)
         elif kind == "scaled_linear":
-            betas = np.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=np.float64) ** 2
+            betas = np.linspace(b0**0.5, b1**0.5, n, dtype=np.float64) ** 2
         elif kind == "squaredcos_cap_v2":
             f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
             betas = np.array([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)])
         else:
-            raise BadInput(f"scheduler config: beta_schedule {kind!r} is not supported (linear, scaled_linear, "
-                           "squaredcos_cap_v2 or trained_betas)")
+            raise BadInput(
+                f"scheduler config: beta_schedule {kind!r} is not supported (linear, scaled_linear, "
+                "squaredcos_cap_v2 or trained_betas)"
+            )
     # diffusers builds the table in float32; follow it so sigmas and t(sigma) match its schedulers exactly.
     return np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32).astype(np.float64)
 
@@ -122,8 +124,9 @@ class LatentDenoiser(VPDenoiser):
 
 
 class StableDiffusionDenoiser(LatentDenoiser):
-    def __init__(self, unet, vae, text_encoder, tokenizer, sched_cfg, spec, fingerprint, prompts, guidance,
-                 round_timesteps=False):
+    def __init__(
+        self, unet, vae, text_encoder, tokenizer, sched_cfg, spec, fingerprint, prompts, guidance, round_timesteps=False
+    ):
         super().__init__(unet, vae, sched_cfg, spec, fingerprint, round_timesteps)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer, self.prompts, self.guidance = tokenizer, prompts, float(guidance)
@@ -138,8 +141,9 @@ class StableDiffusionDenoiser(LatentDenoiser):
     def embed(self, texts: list[str]) -> torch.Tensor:
         missing = [p for p in dict.fromkeys(texts) if p not in self._embeddings]
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=77, truncation=True,
-                                 return_tensors="pt").input_ids.to(self.device)
+            ids = self.tokenizer(
+                missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
             for p, e in zip(missing, self.text_encoder(ids)[0]):
                 self._embeddings[p] = e
         return torch.stack([self._embeddings[p] for p in texts])
@@ -151,7 +155,9 @@ class StableDiffusionDenoiser(LatentDenoiser):
         if self.guidance == 1.0:
             return self.net(x_vp, t, encoder_hidden_states=text).sample
         empty = self.embed([""] * len(cond))
-        both = self.net(torch.cat([x_vp, x_vp]), torch.cat([t, t]), encoder_hidden_states=torch.cat([empty, text])).sample
+        both = self.net(
+            torch.cat([x_vp, x_vp]), torch.cat([t, t]), encoder_hidden_states=torch.cat([empty, text])
+        ).sample
         eps_u, eps_c = both.chunk(2)
         return eps_u + self.guidance * (eps_c - eps_u)
 
@@ -207,14 +213,18 @@ def load(body: str, spec: str) -> VPDenoiser:
     opts = parse_options(query, spec)
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise BadInput(f"--model {spec}: no such folder {root}; expected a diffusers pipeline folder (model_index.json) "
-                       "or a model folder (config.json + scheduler_config.json), e.g. google/ddpm-cifar10-32 or "
-                       "stable-diffusion-v1-5 saved with save_pretrained")
+        raise BadInput(
+            f"--model {spec}: no such folder {root}; expected a diffusers pipeline folder (model_index.json) "
+            "or a model folder (config.json + scheduler_config.json), e.g. google/ddpm-cifar10-32 or "
+            "stable-diffusion-v1-5 saved with save_pretrained"
+        )
     try:
         import diffusers
     except Exception:
-        raise BadInput(f"--model {spec}: diffusers is not installed; pip install 'solverdistill[diffusers]' "
-                       "(keep your torch: add -c with torch==<installed version>)") from None
+        raise BadInput(
+            f"--model {spec}: diffusers is not installed; pip install 'solverdistill[diffusers]' "
+            "(keep your torch: add -c with torch==<installed version>)"
+        ) from None
     fp = fingerprint(root) + ("" if not query else "?" + hashlib.sha256(query.encode()).hexdigest()[:8])
     rounding = bool(opts.get("round_timesteps", False))
     index = _read_json(root / "model_index.json", "pipeline index") if (root / "model_index.json").is_file() else None
@@ -238,11 +248,20 @@ def load(body: str, spec: str) -> VPDenoiser:
 
     if index is not None and "text_encoder" in index:
         import transformers
+
         prompts = load_prompts(opts, spec)
-        return StableDiffusionDenoiser(part("UNet2DConditionModel", "unet"), part("AutoencoderKL", "vae"),
-                                       part("CLIPTextModel", "text_encoder", transformers),
-                                       part("CLIPTokenizer", "tokenizer", transformers), sched, spec, fp,
-                                       prompts, opts.get("guidance", 7.5), rounding)
+        return StableDiffusionDenoiser(
+            part("UNet2DConditionModel", "unet"),
+            part("AutoencoderKL", "vae"),
+            part("CLIPTextModel", "text_encoder", transformers),
+            part("CLIPTokenizer", "tokenizer", transformers),
+            sched,
+            spec,
+            fp,
+            prompts,
+            opts.get("guidance", 7.5),
+            rounding,
+        )
     if "prompt" in opts or "prompts" in opts or "guidance" in opts:
         raise BadInput(f"--model {spec}: prompts and guidance apply to text-conditioned pipelines only")
     unet = part("UNet2DModel", "unet")

@@ -49,12 +49,17 @@ def check_trust(path: Path, digest: str) -> None:
     allowed = set()
     lst = allow_list_path()
     if lst.is_file():
-        allowed = {line.split()[0].lower() for line in lst.read_text().splitlines() if line.strip()
-                   and not line.lstrip().startswith("#")}
+        allowed = {
+            line.split()[0].lower()
+            for line in lst.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        }
     if digest not in allowed:
-        raise BadInput(f"--model edm:{path}: an EDM checkpoint runs the Python code stored inside it when loaded, so it "
-                       f"is loaded only if you vouch for it. Its sha256 is {digest}; add that line to {lst} "
-                       f"(or set SDISTILL_TRUSTED to another list), or pass --trust-pickle for this run.")
+        raise BadInput(
+            f"--model edm:{path}: an EDM checkpoint runs the Python code stored inside it when loaded, so it "
+            f"is loaded only if you vouch for it. Its sha256 is {digest}; add that line to {lst} "
+            f"(or set SDISTILL_TRUSTED to another list), or pass --trust-pickle for this run."
+        )
 
 
 class _EasyDict(dict):
@@ -84,8 +89,13 @@ def _stand_in_modules(reconstruct) -> dict[str, types.ModuleType]:
     dnnlib.util = types.ModuleType("dnnlib.util")
     dnnlib.util.EasyDict = _EasyDict
     torch_utils.persistence, torch_utils.misc = persistence, misc
-    return {"torch_utils": torch_utils, "torch_utils.persistence": persistence, "torch_utils.misc": misc,
-            "dnnlib": dnnlib, "dnnlib.util": dnnlib.util}
+    return {
+        "torch_utils": torch_utils,
+        "torch_utils.persistence": persistence,
+        "torch_utils.misc": misc,
+        "dnnlib": dnnlib,
+        "dnnlib.util": dnnlib.util,
+    }
 
 
 def load_edm_pickle(path: Path) -> dict:
@@ -150,8 +160,10 @@ class EDMDenoiser(Denoiser):
         enc = getattr(getattr(self.net, "model", None), "enc", None)
         keys = [k for k in (enc.keys() if enc is not None else []) if k.startswith("8x8_block")]
         if keys:
+
             def keep(_module, _inputs, output):
                 self.last_features = output.mean(1).flatten(1)
+
             enc[keys[-1]].register_forward_hook(keep)
 
     def draw_cond(self, seeds) -> torch.Tensor | None:
@@ -160,14 +172,20 @@ class EDMDenoiser(Denoiser):
             return None
         if self.fixed_class is not None:
             return torch.full((len(list(seeds)),), self.fixed_class, dtype=torch.long)
-        return torch.tensor([int(torch.randint(self.label_dim, (1,), generator=torch.Generator().manual_seed(
-            int(s) + (1 << 31)))) for s in seeds])
+        return torch.tensor(
+            [
+                int(torch.randint(self.label_dim, (1,), generator=torch.Generator().manual_seed(int(s) + (1 << 31))))
+                for s in seeds
+            ]
+        )
 
     def labels(self, cond, batch: int, device):
         if self.label_dim == 0:
             return None
         if cond is None:
-            raise BadInput(f"--model {self.spec}: a class-conditional model needs labels (--class K, or drawn per seed)")
+            raise BadInput(
+                f"--model {self.spec}: a class-conditional model needs labels (--class K, or drawn per seed)"
+            )
         cond = torch.as_tensor(cond, device=device)
         if cond.ndim == 1:  # class indices -> one-hot
             cond = torch.nn.functional.one_hot(cond.long(), self.label_dim)
@@ -196,8 +214,10 @@ def load(body: str, spec: str) -> EDMDenoiser:
         fixed = int(value)
     path = Path(os.path.expanduser(raw))
     if not path.is_file():
-        raise BadInput(f"--model {spec}: no such file {path}; EDM checkpoints (e.g. edm-cifar10-32x32-uncond-vp.pkl) are "
-                       "published by NVIDIA with the EDM code release")
+        raise BadInput(
+            f"--model {spec}: no such file {path}; EDM checkpoints (e.g. edm-cifar10-32x32-uncond-vp.pkl) are "
+            "published by NVIDIA with the EDM code release"
+        )
     digest = sha256_of(path)
     check_trust(path, digest)
     data = load_edm_pickle(path)

@@ -26,8 +26,8 @@ class GMMParams:
     components: int = 4
     rank: int = 3
     seed: int = 0
-    std: float = 0.02      # isotropic std s_k around each component
-    spread: float = 0.2    # per-pixel std of the low-rank part (sqrt(sum lam / d))
+    std: float = 0.02  # isotropic std s_k around each component
+    spread: float = 0.2  # per-pixel std of the low-rank part (sqrt(sum lam / d))
     layout: str = "smooth"  # means and directions: "smooth" images, "random" vectors, "ring" (2-D circle)
 
     def __post_init__(self):
@@ -79,8 +79,9 @@ def parse_params(body: str) -> GMMParams:
             else:
                 values[key] = (int if "int" in str(types[key]) else float)(val)
         except ValueError:
-            raise BadInput(f"--model gmm:{body}: {key} must be {'like 3x16x16' if key == 'shape' else 'a number'}, "
-                           f"got {val!r}") from None
+            raise BadInput(
+                f"--model gmm:{body}: {key} must be {'like 3x16x16' if key == 'shape' else 'a number'}, got {val!r}"
+            ) from None
     return GMMParams(**values)
 
 
@@ -152,9 +153,9 @@ class GaussianMixture(Denoiser):
         for name, arr in self.arrays.items():
             setattr(self, name, torch.as_tensor(arr, dtype=torch.float64, device=self.device))
         k, d, r = self.q.shape
-        self.q_flat = self.q.permute(1, 0, 2).reshape(d, k * r)              # [d, K*r]
-        self.mu_q = torch.einsum("kd,kdr->kr", self.means, self.q)           # Q_k^T mu_k
-        self.mu2 = (self.means**2).sum(1)                                    # |mu_k|^2
+        self.q_flat = self.q.permute(1, 0, 2).reshape(d, k * r)  # [d, K*r]
+        self.mu_q = torch.einsum("kd,kdr->kr", self.means, self.q)  # Q_k^T mu_k
+        self.mu2 = (self.means**2).sum(1)  # |mu_k|^2
         return self
 
     def _logits(self, xf: torch.Tensor, sigma: torch.Tensor):
@@ -162,12 +163,12 @@ class GaussianMixture(Denoiser):
         All matrix products are [B,d] x [d,K*r]: nothing of size B*K*d is formed, O(K d r) per sample."""
         b = xf.shape[0]
         k, d, r = self.q.shape
-        proj = (xf @ self.q_flat).view(b, k, r) - self.mu_q[None]           # Q_k^T (x - mu_k)
+        proj = (xf @ self.q_flat).view(b, k, r) - self.mu_q[None]  # Q_k^T (x - mu_k)
         v2 = (xf * xf).sum(1, keepdim=True) - 2 * xf @ self.means.T + self.mu2[None]  # |x - mu_k|^2
-        c = self.s2[None] + sigma.reshape(b, 1) ** 2                         # isotropic variance of x given k
-        lc = self.lam[None] + c[..., None]                                   # variances along Q_k
-        perp2 = (v2 - (proj**2).sum(-1)).clamp_min(0)                        # |v|^2 outside span(Q_k)
-        quad = perp2 / c + (proj**2 / lc).sum(-1)                            # v^T (Sigma_k + sigma^2 I)^-1 v
+        c = self.s2[None] + sigma.reshape(b, 1) ** 2  # isotropic variance of x given k
+        lc = self.lam[None] + c[..., None]  # variances along Q_k
+        perp2 = (v2 - (proj**2).sum(-1)).clamp_min(0)  # |v|^2 outside span(Q_k)
+        quad = perp2 / c + (proj**2 / lc).sum(-1)  # v^T (Sigma_k + sigma^2 I)^-1 v
         logdet = (d - r) * torch.log(c) + torch.log(lc).sum(-1)
         return self.logw[None] - 0.5 * (quad + logdet), proj, c, lc
 
@@ -178,7 +179,7 @@ class GaussianMixture(Denoiser):
         w = torch.softmax(logp, dim=1)
         # E[x0|x,k] = mu_k + (s_k^2/c)(x - mu_k) + Q_k [((lam + s_k^2)/lc - s_k^2/c) Q_k^T (x - mu_k)],
         # summed over k with the posterior weights w.
-        shrink = w * self.s2[None] / c                                       # weight on (x - mu_k)
+        shrink = w * self.s2[None] / c  # weight on (x - mu_k)
         along = w[..., None] * proj * ((self.lam[None] + self.s2[None, :, None]) / lc - (self.s2[None] / c)[..., None])
         out = shrink.sum(1, keepdim=True) * xf + (w - shrink) @ self.means + along.reshape(b, -1) @ self.q_flat.T
         return out.reshape(x.shape).to(x.dtype)
@@ -196,8 +197,11 @@ class GaussianMixture(Denoiser):
         zr = torch.randn(n, r, generator=g, dtype=torch.float64)
         zd = torch.randn(n, math.prod(self.shape), generator=g, dtype=torch.float64)
         q, lam = self.q.double().cpu()[k], self.lam.double().cpu()[k]
-        x = self.means.double().cpu()[k] + torch.einsum("ndr,nr->nd", q, zr * lam.sqrt()) \
+        x = (
+            self.means.double().cpu()[k]
+            + torch.einsum("ndr,nr->nd", q, zr * lam.sqrt())
             + self.s2.double().cpu()[k].sqrt()[:, None] * zd
+        )
         return x.reshape(n, *self.shape).to(self.dtype)
 
     def data_mean(self) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import sys
 import os
+import sys
 
 from ..errors import BadInput
 from .base import Wrapped
@@ -34,16 +34,20 @@ def load(body: str, spec: str) -> Wrapped:
     missing = [a for a in REQUIRED if not hasattr(obj, a)]
     if not callable(obj) or missing:
         what = "is not callable" if not callable(obj) else f"lacks attribute(s) {', '.join(missing)}"
-        raise BadInput(f"--model {spec}: the object returned by {attr}() {what}; expected D(x, sigma, cond=None) "
-                       f"with attributes {', '.join(REQUIRED)}")
+        raise BadInput(
+            f"--model {spec}: the object returned by {attr}() {what}; expected D(x, sigma, cond=None) "
+            f"with attributes {', '.join(REQUIRED)}"
+        )
     try:
         shape = tuple(int(v) for v in obj.shape)
         smin, smax = float(obj.sigma_min), float(obj.sigma_max)
     except (TypeError, ValueError):
         raise BadInput(f"--model {spec}: shape must be a sequence of ints and sigma_min/sigma_max numbers") from None
     if not shape or not 0 < smin < smax:
-        raise BadInput(f"--model {spec}: need a non-empty shape and 0 < sigma_min < sigma_max, "
-                       f"got shape={shape}, sigma_min={smin}, sigma_max={smax}")
+        raise BadInput(
+            f"--model {spec}: need a non-empty shape and 0 < sigma_min < sigma_max, "
+            f"got shape={shape}, sigma_min={smin}, sigma_max={smax}"
+        )
     return Wrapped(obj, spec, fingerprint(spec, module))
 
 

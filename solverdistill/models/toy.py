@@ -77,7 +77,7 @@ class ToyDenoiser(Denoiser):
     def __init__(self, net: ToyUNet, spec: str = "toy:unet-gmm", fingerprint: str = ""):
         self.net, self.spec, self.fingerprint = net, spec, fingerprint
         self.shape, self.sigma_min, self.sigma_max = (3, 32, 32), 0.002, 80.0
-        self.step_condition = None   # SFD-v sets the number of sampling steps here
+        self.step_condition = None  # SFD-v sets the number of sampling steps here
         self.last_features = None
 
     def __call__(self, x, sigma, cond=None):
@@ -103,6 +103,7 @@ class ToyDenoiser(Denoiser):
 
 def weights_fingerprint(path: Path) -> str:
     import hashlib
+
     return "toy:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -110,20 +111,26 @@ def load(body: str, spec: str) -> ToyDenoiser:
     if body != "unet-gmm":
         raise BadInput(f"--model {spec}: unknown toy model {body!r}; the built-in one is toy:unet-gmm")
     if not WEIGHTS.is_file():
-        raise BadInput(f"--model {spec}: the weights {WEIGHTS} are missing; retrain with "
-                       "`python -m solverdistill.models.toy train`")
+        raise BadInput(
+            f"--model {spec}: the weights {WEIGHTS} are missing; retrain with "
+            "`python -m solverdistill.models.toy train`"
+        )
     from safetensors.torch import load_file
+
     net = ToyUNet()
     net.load_state_dict(load_file(str(WEIGHTS)))
     return ToyDenoiser(net.eval(), spec, weights_fingerprint(WEIGHTS))
 
 
-def train(minutes: float = 25.0, batch: int = 32, lr: float = 2e-3, seed: int = 0, out: Path = WEIGHTS,
-          log_every: int = 50) -> None:
+def train(
+    minutes: float = 25.0, batch: int = 32, lr: float = 2e-3, seed: int = 0, out: Path = WEIGHTS, log_every: int = 50
+) -> None:
     """Regress the exact gmm:cifar denoiser over EDM's training noise distribution (ln sigma ~ N(-1.2, 1.2^2)),
     with EDM's loss weight; Adam with cosine decay over a wall-clock budget; saves safetensors."""
     from safetensors.torch import save_file
-    from .gmm import GaussianMixture, PRESETS
+
+    from .gmm import PRESETS, GaussianMixture
+
     torch.manual_seed(seed)
     gmm = GaussianMixture(PRESETS["cifar"], spec="gmm:cifar")
     net = ToyUNet()
@@ -156,6 +163,7 @@ def train(minutes: float = 25.0, batch: int = 32, lr: float = 2e-3, seed: int = 
 
 if __name__ == "__main__":
     import sys
+
     if len(sys.argv) >= 2 and sys.argv[1] == "train":
         train(minutes=float(sys.argv[2]) if len(sys.argv) > 2 else 25.0)
     else:

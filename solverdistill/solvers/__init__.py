@@ -7,9 +7,10 @@ short loop (`singlestep.py`). Both integrate from sigmas[0] to sigmas[-1].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -33,8 +34,18 @@ class SolverInfo:
     aliases: tuple[str, ...] = ()
     options: tuple[str, ...] = field(default=())  # keyword options the table builder takes
 
-    def solve(self, model, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None, afs: bool = False,
-              callback: Optional[Callback] = None, on_step: Optional[Callable] = None, **options) -> torch.Tensor:
+    def solve(
+        self,
+        model,
+        x: torch.Tensor,
+        sigmas: torch.Tensor,
+        *,
+        cond=None,
+        afs: bool = False,
+        callback: Optional[Callback] = None,
+        on_step: Optional[Callable] = None,
+        **options,
+    ) -> torch.Tensor:
         """Integrate x over the grid `sigmas` (the teacher calls this directly; samplers go through a Plan).
         `on_step` is the stepping core's training hook (multistep solvers only)."""
         if self.table is not None:
@@ -56,8 +67,10 @@ class SolverInfo:
         calls = nfe + (1 if afs else 0)
         if calls % self.calls_per_step:
             hint = "use an even NFE without --afs" if afs else "use an even NFE, or an odd one with --afs"
-            raise BadInput(f"--nfe: {self.name} makes {self.calls_per_step} calls per step, so NFE {nfe} "
-                           f"{'with' if afs else 'without'} AFS is impossible; {hint}")
+            raise BadInput(
+                f"--nfe: {self.name} makes {self.calls_per_step} calls per step, so NFE {nfe} "
+                f"{'with' if afs else 'without'} AFS is impossible; {hint}"
+            )
         return calls // self.calls_per_step
 
 
@@ -84,14 +97,37 @@ def register(info: SolverInfo) -> None:
 register(SolverInfo("euler", 1, 1, "polynomial:7", "Euler / DDIM (first order)", table=euler_table, aliases=("ddim",)))
 register(SolverInfo("heun", 2, 2, "polynomial:7", "Heun's 2nd-order method (EDM)", run=sample_heun))
 register(SolverInfo("dpm2", 2, 2, "polynomial:7", "DPM-Solver-2 (log-sigma midpoint)", run=sample_dpm2))
-register(SolverInfo("dpm++2m", 2, 1, "logsnr", "DPM-Solver++(2M), data prediction",
-                    table=partial(dpmpp_table, max_order=2), options=("lower_order_final",)))
-register(SolverInfo("dpm++3m", 3, 1, "logsnr", "DPM-Solver++(3M), data prediction",
-                    table=partial(dpmpp_table, max_order=3), options=("lower_order_final",), aliases=("dpm++",)))
-register(SolverInfo("unipc", 3, 1, "logsnr", "UniPC bh2, order 3, free corrector",
-                    table=unipc_table, options=("lower_order_final",)))
-register(SolverInfo("ipndm", 4, 1, "polynomial:7", "improved PNDM (fixed Adams-Bashforth coefficients)",
-                    table=ipndm_table))
+register(
+    SolverInfo(
+        "dpm++2m",
+        2,
+        1,
+        "logsnr",
+        "DPM-Solver++(2M), data prediction",
+        table=partial(dpmpp_table, max_order=2),
+        options=("lower_order_final",),
+    )
+)
+register(
+    SolverInfo(
+        "dpm++3m",
+        3,
+        1,
+        "logsnr",
+        "DPM-Solver++(3M), data prediction",
+        table=partial(dpmpp_table, max_order=3),
+        options=("lower_order_final",),
+        aliases=("dpm++",),
+    )
+)
+register(
+    SolverInfo(
+        "unipc", 3, 1, "logsnr", "UniPC bh2, order 3, free corrector", table=unipc_table, options=("lower_order_final",)
+    )
+)
+register(
+    SolverInfo("ipndm", 4, 1, "polynomial:7", "improved PNDM (fixed Adams-Bashforth coefficients)", table=ipndm_table)
+)
 register(SolverInfo("deis", 3, 1, "time_uniform:2", "DEIS tAB-3 (polynomial in VP time)", table=deis_table))
 
 
@@ -127,8 +163,14 @@ class Plan:
         return self.info.solve(model, x, self.sigmas, cond=cond, afs=self.afs, callback=callback, **self.options)
 
     def describe(self) -> dict:
-        return {"solver": self.info.name, "nfe": self.nfe, "afs": self.afs, "steps": self.steps,
-                "grid": self.sigmas.tolist(), **self.options}
+        return {
+            "solver": self.info.name,
+            "nfe": self.nfe,
+            "afs": self.afs,
+            "steps": self.steps,
+            "grid": self.sigmas.tolist(),
+            **self.options,
+        }
 
 
 def plan(solver: str, nfe: int, model, schedule: str | None = None, afs: bool = False, **options) -> Plan:
@@ -136,8 +178,14 @@ def plan(solver: str, nfe: int, model, schedule: str | None = None, afs: bool = 
     info = get(solver)
     steps = info.steps_for(nfe, afs)
     sigmas = grids.make_grid(schedule or info.default_schedule, steps, model.sigma_min, model.sigma_max)
-    return Plan(info, nfe, afs, sigmas, {k: v for k, v in options.items() if k in info.options},
-                int(getattr(model, "passes_per_call", 1)))
+    return Plan(
+        info,
+        nfe,
+        afs,
+        sigmas,
+        {k: v for k, v in options.items() if k in info.options},
+        int(getattr(model, "passes_per_call", 1)),
+    )
 
 
 def sweep(nfe: int, model) -> dict[str, Plan]:

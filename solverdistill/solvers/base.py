@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Union, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
-Sigma = Union[float, torch.Tensor]  # one time for the whole batch, or a [B] tensor (learned per-sample grids)
+Sigma = float | torch.Tensor  # one time for the whole batch, or a [B] tensor (learned per-sample grids)
 
 
 @dataclass
@@ -81,8 +82,9 @@ def _as_batch(v: Sigma, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(v), dtype=torch.float64, device=x.device)
 
 
-def report(callback: Optional[Callback], i: int, sigma: Sigma, sigma_next: Sigma, x: torch.Tensor,
-           denoised: torch.Tensor) -> None:
+def report(
+    callback: Optional[Callback], i: int, sigma: Sigma, sigma_next: Sigma, x: torch.Tensor, denoised: torch.Tensor
+) -> None:
     """Send one `Step` to the callback (k-diffusion style: the state at sigma_i and the denoiser output there)."""
     if callback is not None:
         callback(Step(i, _as_batch(sigma, x), _as_batch(sigma_next, x), x, denoised))

@@ -17,8 +17,9 @@ and the gradient windows of training.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class Table:
     corrector: np.ndarray | None = None  # [N, P+1] weights e_ij on D when refining x_i (row 0 unused)
 
     @classmethod
-    def empty(cls, n: int, p: int, corrector: bool = False) -> "Table":
+    def empty(cls, n: int, p: int, corrector: bool = False) -> Table:
         return cls(np.zeros(n), np.zeros((n, p)), np.zeros((n, p)), np.zeros((n, p + 1)) if corrector else None)
 
 
@@ -117,9 +118,16 @@ def combine(weights: Sequence[Sigma], history: Sequence[torch.Tensor], out: Opti
     return out
 
 
-def run_multistep(model, x: torch.Tensor, source: CoefficientSource, *, cond=None, afs: bool = False,
-                  callback: Optional[Callback] = None,
-                  on_step: Optional[Callable[[int, Sigma, torch.Tensor], bool]] = None) -> torch.Tensor:
+def run_multistep(
+    model,
+    x: torch.Tensor,
+    source: CoefficientSource,
+    *,
+    cond=None,
+    afs: bool = False,
+    callback: Optional[Callback] = None,
+    on_step: Optional[Callable[[int, Sigma, torch.Tensor], bool]] = None,
+) -> torch.Tensor:
     """Integrate x from source.sigma(0) over source.steps steps.
 
     `on_step(i, sigma_next, x_next)` runs after each step (training computes its loss there); when it returns
@@ -133,9 +141,9 @@ def run_multistep(model, x: torch.Tensor, source: CoefficientSource, *, cond=Non
         sigma = source.sigma(i)
         called = not (afs and i == 0)
         denoised = call(model, x, source.query(i), cond) if called else afs_denoised(x, source.first_sigma())
-        hist_D = [denoised] + hist_D[:keep - 1]
+        hist_D = [denoised] + hist_D[: keep - 1]
         if source.uses_d:
-            hist_d = [(x - denoised) / per_sample(sigma, x)] + hist_d[:keep - 1]
+            hist_d = [(x - denoised) / per_sample(sigma, x)] + hist_d[: keep - 1]
         e = source.corrector(i)
         if e is not None:
             x = combine(e, hist_D, per_sample(a_prev, x_prev) * x_prev)

@@ -40,8 +40,9 @@ def sample_dpm2(model, x, sigmas, *, cond=None, afs=False, callback=None):
     return x
 
 
-def rk4_logsigma(model, x: torch.Tensor, sigma_max: float, sigma_min: float, steps: int = 1024, cond=None,
-                 callback=None) -> torch.Tensor:
+def rk4_logsigma(
+    model, x: torch.Tensor, sigma_max: float, sigma_min: float, steps: int = 1024, cond=None, callback=None
+) -> torch.Tensor:
     """Classic RK4 on dx/du = x - D(x, e^u), u = log sigma, `steps` equal steps (4 calls each). A one-step method
     keeps its full order from the first step (a multistep one starts at first order): error ~ steps^-4."""
     u0, u1 = math.log(sigma_max), math.log(sigma_min)

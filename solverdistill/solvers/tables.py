@@ -140,7 +140,7 @@ def deis_table(sigmas, max_order: int = 3, quad_points: int = 64) -> Table:
     t.a[:] = 1.0
     for i in range(n):
         order = min(max_order, i + 1)
-        ts = tau[i - np.arange(order)]          # nodes, newest first
+        ts = tau[i - np.arange(order)]  # nodes, newest first
         lo, hi = tau[i], tau[i + 1]
         q = 0.5 * (hi - lo) * nodes + 0.5 * (hi + lo)
         sig_q = vp.sigma(torch.as_tensor(q)).numpy()

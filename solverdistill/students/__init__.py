@@ -5,8 +5,9 @@ call, or an entry point in the group `solverdistill.students`, and touches no en
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from ..artifacts import Artifact
 from ..errors import BadInput
@@ -49,8 +50,10 @@ class Method:
 
     def configs(self, student: dict, train: dict) -> tuple[Any, Any]:
         """Validate a recipe's `student` and `train` sections against this method's keys."""
-        return (build_section(self.student_section, student, "student"),
-                build_section(self.train_section, train, "train"))
+        return (
+            build_section(self.student_section, student, "student"),
+            build_section(self.train_section, train, "train"),
+        )
 
     def keys(self) -> tuple[set[str], set[str]]:
         """The student and train keys this method knows."""
@@ -72,8 +75,10 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import dlms, dode, sfd  # noqa: F401  (each registers itself)
     from importlib.metadata import entry_points
+
+    from . import dlms, dode, sfd  # noqa: F401  (each registers itself)
+
     for ep in entry_points(group="solverdistill.students"):
         if ep.name in METHODS:
             continue
@@ -81,6 +86,7 @@ def _load_all() -> None:
             method = ep.load()
         except Exception as e:  # a broken third-party plugin must not break the built-in methods
             import warnings
+
             warnings.warn(f"student plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
             continue
         register(method)

@@ -46,7 +46,7 @@ class DLMSStudent:
     afs: bool = True
     init: str = field(default="dpm++", metadata={"choices": ("plms", "dpm++")})
     designer: str = field(default="network", metadata={"choices": ("network", "global")})
-    schedule: str = "polynomial:7"   # the initial grid
+    schedule: str = "polynomial:7"  # the initial grid
     learn_grid: bool = True
     time_scaling: bool = True
     scale_range: float = field(default=0.2, metadata={"min": 0.0})
@@ -57,16 +57,16 @@ class DLMSStudent:
 class DLMSTrain(TrainSection):
     lr: float = field(default=5e-3, metadata={"min": 0.0})
     lr_decay: str = field(default="none", metadata={"choices": ("cosine", "none")})
-    clip: float = field(default=0.0, metadata={"min": 0.0})   # gradient-norm clipping; 0 = off
-    restarts: int = field(default=1, metadata={"min": 1})     # independent runs; the best by validation is kept
+    clip: float = field(default=0.0, metadata={"min": 0.0})  # gradient-norm clipping; 0 = off
+    restarts: int = field(default=1, metadata={"min": 1})  # independent runs; the best by validation is kept
     batch: int = field(default=64, metadata={"min": 1})
     iterations: int = field(default=300, metadata={"min": 0})
     validation: int = field(default=64, metadata={"min": 1})  # taken from the training pool, for early stopping
     loss: str = field(default="both", metadata={"choices": ("trajectory", "endpoint", "both")})
     final_weight: float = field(default=3.0, metadata={"min": 0.0})
-    window: int = field(default=0, metadata={"min": 0})       # steps per gradient window; 0 = whole trajectory
+    window: int = field(default=0, metadata={"min": 0})  # steps per gradient window; 0 = whole trajectory
     eval_every: int = field(default=25, metadata={"min": 1})
-    patience: int = field(default=0, metadata={"min": 0})     # evaluations without improvement before stopping
+    patience: int = field(default=0, metadata={"min": 0})  # evaluations without improvement before stopping
     seed: int = 0
 
 
@@ -77,11 +77,11 @@ def initial_coefficients(grid: torch.Tensor, order: int, init: str, afs: bool) -
     if init == "plms":
         for i in range(n):
             row = ADAMS_BASHFORTH[min(i + 1, order, 4) - 1]
-            a[i, :len(row)] = torch.tensor(row)
+            a[i, : len(row)] = torch.tensor(row)
     else:
         # dpm++3m's update is x' = (t'/t) x + sum_j b_j D_j with sum_j b_j = 1 - t'/t: divide to get weights.
         b = torch.as_tensor(dpmpp_table(grid, min(3, order), lower_order_final=True).b)[:, :order]
-        a[:, :b.shape[1]] = b / (1 - grid[1:] / grid[:-1])[:, None]
+        a[:, : b.shape[1]] = b / (1 - grid[1:] / grid[:-1])[:, None]
     return a
 
 
@@ -149,7 +149,7 @@ class DLMS(nn.Module):
         self.register_buffer("time_offset", torch.log(frac) - torch.log1p(-frac))
         mask = torch.zeros(steps, cfg.order)  # which history slots exist at each step
         for i in range(steps):
-            mask[i, :min(i + 1, cfg.order)] = 1
+            mask[i, : min(i + 1, cfg.order)] = 1
         self.register_buffer("mask", mask)
         self.designer = NetworkDesigner(cfg.order) if cfg.designer == "network" else GlobalDesigner(cfg.order, steps)
 
@@ -182,7 +182,7 @@ class DLMS(nn.Module):
     def rule(self, raw, t, step):
         """The designer's raw outputs -> (coefficients [B, p], next time [B], next scale [B])."""
         p, dt = self.order, t.dtype
-        offsets = raw[:, :p - 1] * self.mask[step, 1:].to(dt)
+        offsets = raw[:, : p - 1] * self.mask[step, 1:].to(dt)
         rest = self.init_coefs[step, 1:].to(dt) + offsets
         coefs = torch.cat([1 - rest.sum(1, keepdim=True), rest], 1) * self.mask[step].to(dt)
         t_min = self.init_grid[-1].to(dt)
@@ -226,8 +226,14 @@ class DLMS(nn.Module):
         return total
 
     def describe(self) -> dict:
-        return {"solver": "dlms", "nfe": self.nfe, "afs": self.afs, "steps": self.steps,
-                "grid": self.init_grid.tolist(), **{k: v for k, v in asdict(self.cfg).items() if k != "method"}}
+        return {
+            "solver": "dlms",
+            "nfe": self.nfe,
+            "afs": self.afs,
+            "steps": self.steps,
+            "grid": self.init_grid.tolist(),
+            **{k: v for k, v in asdict(self.cfg).items() if k != "method"},
+        }
 
 
 class Rule(CoefficientSource):
@@ -286,6 +292,7 @@ def _loss_fn(cache, idx, s: DLMSStudent, t: DLMSTrain, steps: int):
 @dataclass
 class Run:
     """One training run: the best state by validation RMSE and how it got there."""
+
     best: float
     state: dict
     history: list
@@ -293,8 +300,9 @@ class Run:
     iterations: int
 
 
-def train_once(student: DLMS, model, cache, train_idx, val_idx, s: DLMSStudent, t: DLMSTrain, seed: int,
-               progress=None) -> Run:
+def train_once(
+    student: DLMS, model, cache, train_idx, val_idx, s: DLMSStudent, t: DLMSTrain, seed: int, progress=None
+) -> Run:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(student.designer.parameters(), lr=t.lr)
@@ -343,7 +351,7 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
     if t.validation >= len(train_idx):
         raise BadInput(f"train.validation: {t.validation} leaves no training trajectories out of {len(train_idx)}")
     # Model selection uses its own validation trajectories, never the held-out ones the metrics report.
-    train_idx, val_idx = train_idx[:-t.validation], train_idx[-t.validation:]
+    train_idx, val_idx = train_idx[: -t.validation], train_idx[-t.validation :]
     # Training on a few trajectories is high-variance: independent restarts, the best by validation is kept.
     runs = []
     for r in range(t.restarts):
@@ -353,14 +361,28 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
     student.load_state_dict(best.state)
     arrays = {f"designer.{k}": v.detach().cpu().double().numpy() for k, v in student.designer.state_dict().items()}
     arrays["init_grid"] = student.init_grid.cpu().numpy()
-    meta = new_meta("dlms", base_solver=f"dlms[{s.init}]", nfe=s.nfe, network_passes=s.nfe * model.passes_per_call,
-                    afs=s.afs, grid=student.init_grid.tolist(), student=asdict(s), model=model.spec,
-                    model_fingerprint=model.fingerprint,
-                    training={"seconds": time.time() - began, "iterations": sum(r.iterations for r in runs),
-                              "restarts": t.restarts, "validation_rmse_by_restart": [r.best for r in runs],
-                              "samples": len(train_idx), "skipped_steps": sum(r.skipped for r in runs),
-                              "validation": len(val_idx), "validation_rmse_history": best.history,
-                              "train": asdict(t)})
+    meta = new_meta(
+        "dlms",
+        base_solver=f"dlms[{s.init}]",
+        nfe=s.nfe,
+        network_passes=s.nfe * model.passes_per_call,
+        afs=s.afs,
+        grid=student.init_grid.tolist(),
+        student=asdict(s),
+        model=model.spec,
+        model_fingerprint=model.fingerprint,
+        training={
+            "seconds": time.time() - began,
+            "iterations": sum(r.iterations for r in runs),
+            "restarts": t.restarts,
+            "validation_rmse_by_restart": [r.best for r in runs],
+            "samples": len(train_idx),
+            "skipped_steps": sum(r.skipped for r in runs),
+            "validation": len(val_idx),
+            "validation_rmse_history": best.history,
+            "train": asdict(t),
+        },
+    )
     return Artifact(meta, arrays)
 
 
@@ -384,10 +406,22 @@ def load(artifact: Artifact, model) -> DLMS:
 
 def untrained(artifact: Artifact) -> Artifact:
     """Zero heads (or the global table): the initial rule on the initial grid."""
-    arrays = {k: (np.zeros_like(v) if k.startswith(("designer.head.", "designer.table")) else v)
-              for k, v in artifact.arrays.items()}
+    arrays = {
+        k: (np.zeros_like(v) if k.startswith(("designer.head.", "designer.table")) else v)
+        for k, v in artifact.arrays.items()
+    }
     return Artifact(artifact.meta, arrays, artifact.path)
 
 
-register(Method("dlms", DLMSStudent, DLMSTrain, fit, load, untrained,
-                "learned multistep coefficients, grid and time scaling", work=lambda s, t: t.iterations * t.restarts))
+register(
+    Method(
+        "dlms",
+        DLMSStudent,
+        DLMSTrain,
+        fit,
+        load,
+        untrained,
+        "learned multistep coefficients, grid and time scaling",
+        work=lambda s, t: t.iterations * t.restarts,
+    )
+)

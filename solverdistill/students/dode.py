@@ -27,7 +27,7 @@ class DODEStudent:
     method: str = "dode"
     nfe: int = field(default=5, metadata={"min": 1})
     base: str = "dpm++3m"
-    schedule: str = ""            # default: the base solver's own grid
+    schedule: str = ""  # default: the base solver's own grid
     afs: bool = False
     lower_order_final: bool = True
 
@@ -111,18 +111,20 @@ def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
     began = time.time()
     base = plan(s.base, s.nfe, model, s.schedule or None, s.afs, lower_order_final=s.lower_order_final)
     train_idx, _ = cache.split(t.samples, t.heldout)
-    batches = [train_idx[b:b + t.batch] for b in range(0, len(train_idx), t.batch)]
+    batches = [train_idx[b : b + t.batch] for b in range(0, len(train_idx), t.batch)]
     final = [cache.endpoints(idx) for idx in batches]
 
     def endpoint_error(lams):
-        return sum(float((base.solve(Extrapolated(model, lams), *cache.start(idx, model)).double().cpu()
-                          - f).pow(2).sum()) for idx, f in zip(batches, final))
+        return sum(
+            float((base.solve(Extrapolated(model, lams), *cache.start(idx, model)).double().cpu() - f).pow(2).sum())
+            for idx, f in zip(batches, final)
+        )
 
     lams, rejected = [0.0] * s.nfe, 0
     with torch.no_grad():
         current = endpoint_error(lams)
         for k in range(1, s.nfe):  # the first call has no predecessor: lam_0 = 0
-            trial = lams[:k] + [closed_form(base, model, cache, batches, lams[:k], k)] + lams[k + 1:]
+            trial = lams[:k] + [closed_form(base, model, cache, batches, lams[:k], k)] + lams[k + 1 :]
             # Greedy per-call targets can pull the end state away (an intermediate landing, e.g. dpm2's
             # midpoint, is not the goal): keep lam_k only if the fitting samples' endpoint error does not grow.
             err = endpoint_error(trial)
@@ -132,12 +134,19 @@ def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
                 rejected += 1
             if progress:
                 progress(1, info=f"lam_{k} = {lams[k]:+.4f}")
-    meta = new_meta("dode", base_solver=base.info.name, nfe=s.nfe, network_passes=s.nfe * model.passes_per_call,
-                    afs=s.afs, grid=base.sigmas.tolist(), schedule=s.schedule or base.info.default_schedule,
-                    options={"lower_order_final": s.lower_order_final}, model=model.spec,
-                    model_fingerprint=model.fingerprint,
-                    training={"seconds": time.time() - began, "samples": len(train_idx),
-                              "rejected_lambdas": rejected})
+    meta = new_meta(
+        "dode",
+        base_solver=base.info.name,
+        nfe=s.nfe,
+        network_passes=s.nfe * model.passes_per_call,
+        afs=s.afs,
+        grid=base.sigmas.tolist(),
+        schedule=s.schedule or base.info.default_schedule,
+        options={"lower_order_final": s.lower_order_final},
+        model=model.spec,
+        model_fingerprint=model.fingerprint,
+        training={"seconds": time.time() - began, "samples": len(train_idx), "rejected_lambdas": rejected},
+    )
     return Artifact(meta, {"lambdas": np.array(lams), "grid": base.sigmas.numpy()})
 
 
@@ -150,17 +159,29 @@ def load(artifact: Artifact, model) -> DODESolver:
     afs = bool(meta.get("afs", False))
     steps = info.steps_for(nfe, afs)
     if len(grid) != steps + 1 or np.any(np.diff(grid) >= 0):
-        raise BadInput(f"{artifact.path}: array 'grid' must hold {steps + 1} decreasing sigmas for "
-                       f"{info.name} at NFE {nfe}")
+        raise BadInput(
+            f"{artifact.path}: array 'grid' must hold {steps + 1} decreasing sigmas for {info.name} at NFE {nfe}"
+        )
     options = {k: v for k, v in (meta.get("options") or {}).items() if k in info.options}
     base = Plan(info, nfe, afs, torch.tensor(grid, dtype=torch.float64), options, int(model.passes_per_call))
     return DODESolver(base, lams)
 
 
 def untrained(artifact: Artifact) -> Artifact:
-    return Artifact(artifact.meta, {**artifact.arrays, "lambdas": np.zeros_like(artifact.arrays["lambdas"])},
-                    artifact.path)
+    return Artifact(
+        artifact.meta, {**artifact.arrays, "lambdas": np.zeros_like(artifact.arrays["lambdas"])}, artifact.path
+    )
 
 
-register(Method("dode", DODEStudent, DODETrain, fit, load, untrained, "one scalar per denoiser call, closed form",
-                work=lambda s, t: s.nfe))
+register(
+    Method(
+        "dode",
+        DODEStudent,
+        DODETrain,
+        fit,
+        load,
+        untrained,
+        "one scalar per denoiser call, closed form",
+        work=lambda s, t: s.nfe,
+    )
+)

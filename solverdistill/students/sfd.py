@@ -35,7 +35,7 @@ class SFDStudent:
     sigma_min: float = field(default=0.006, metadata={"min": 0.0})
     sigma_max: float = field(default=80.0, metadata={"min": 0.0})
     rho: float = field(default=7.0, metadata={"min": 0.0})
-    variable: bool = False          # SFD-v: one network for every NFE in nfe_set
+    variable: bool = False  # SFD-v: one network for every NFE in nfe_set
     nfe_set: str = "2,3,4,5"
 
 
@@ -89,7 +89,7 @@ class SFDSolver:
     def network_passes(self) -> int:
         return self.plan.network_passes
 
-    def at_nfe(self, nfe: int) -> "SFDSolver":
+    def at_nfe(self, nfe: int) -> SFDSolver:
         """SFD-v: the same network at another NFE (its own grid, told the number of steps)."""
         if not self.settings.variable:
             raise BadInput(f"an SFD student is tuned for NFE {self.nfe}; only SFD-v (student.variable) takes another")
@@ -102,8 +102,13 @@ class SFDSolver:
             return self.plan.solve(den, x, cond, callback)
 
     def describe(self) -> dict:
-        return {"solver": "sfd", "nfe": self.nfe, "afs": self.afs, "steps": self.plan.steps,
-                "grid": self.plan.sigmas.tolist()}
+        return {
+            "solver": "sfd",
+            "nfe": self.nfe,
+            "afs": self.afs,
+            "steps": self.plan.steps,
+            "grid": self.plan.sigmas.tolist(),
+        }
 
 
 def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
@@ -133,7 +138,7 @@ def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
         targets = cache.states_at(idx, grid[1:].numpy(), dtype=x.dtype, device=x.device)
         total = 0.0
 
-        def train_step(k, sigma_next, out) -> bool:
+        def train_step(k, sigma_next, out, targets=targets) -> bool:
             """After student step k: L1 to the teacher, one Adam step; always cut the graph (the next step
             starts from the student's own detached state)."""
             nonlocal total, cleaned
@@ -162,12 +167,26 @@ def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
     final = ema if ema is not None else net
     arrays = {f"net.{k}": v.detach().cpu().float().numpy() for k, v in final.state_dict().items()}
     arrays["grid"] = student_grid(s, model, s.nfe).numpy()
-    meta = new_meta("sfd", base_solver="euler+afs" if s.afs else "euler", nfe=s.nfe,
-                    network_passes=s.nfe * model.passes_per_call, afs=s.afs, grid=arrays["grid"].tolist(),
-                    student=asdict(s), model=model.spec, model_fingerprint=model.fingerprint,
-                    training={"seconds": time.time() - began, "iterations": t.iterations, "samples": len(train_idx),
-                              "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])),
-                              "cleaned_gradients": cleaned, "train": asdict(t)})
+    meta = new_meta(
+        "sfd",
+        base_solver="euler+afs" if s.afs else "euler",
+        nfe=s.nfe,
+        network_passes=s.nfe * model.passes_per_call,
+        afs=s.afs,
+        grid=arrays["grid"].tolist(),
+        student=asdict(s),
+        model=model.spec,
+        model_fingerprint=model.fingerprint,
+        training={
+            "seconds": time.time() - began,
+            "iterations": t.iterations,
+            "samples": len(train_idx),
+            "first_loss": losses[0],
+            "final_loss": float(np.mean(losses[-10:])),
+            "cleaned_gradients": cleaned,
+            "train": asdict(t),
+        },
+    )
     return Artifact(meta, arrays)
 
 
@@ -180,8 +199,10 @@ def load(artifact: Artifact, model) -> SFDSolver:
     if any(k.startswith("net.") for k in artifact.arrays):  # none: the untrained student, the model's own weights
         names = {k[4:] for k in artifact.arrays if k.startswith("net.")}
         if names != set(state):
-            raise BadInput(f"{artifact.path}: its weights are for another network than {model.spec} "
-                           f"({len(names ^ set(state))} parameter names differ)")
+            raise BadInput(
+                f"{artifact.path}: its weights are for another network than {model.spec} "
+                f"({len(names ^ set(state))} parameter names differ)"
+            )
         for name, ref in state.items():
             state[name] = torch.from_numpy(artifact.array(f"net.{name}", shape=tuple(ref.shape))).to(ref.dtype)
         den.net.load_state_dict(state)
@@ -192,9 +213,20 @@ def load(artifact: Artifact, model) -> SFDSolver:
 
 def untrained(artifact: Artifact) -> Artifact:
     """The original network: no weights in the artifact means the model's own (load() keeps them)."""
-    return Artifact(artifact.meta, {k: v for k, v in artifact.arrays.items() if not k.startswith("net.")},
-                    artifact.path)
+    return Artifact(
+        artifact.meta, {k: v for k, v in artifact.arrays.items() if not k.startswith("net.")}, artifact.path
+    )
 
 
-register(Method("sfd", SFDStudent, SFDTrain, fit, load, untrained, "fine-tunes the network for few steps (SFD, SFD-v)",
-                work=lambda s, t: t.iterations))
+register(
+    Method(
+        "sfd",
+        SFDStudent,
+        SFDTrain,
+        fit,
+        load,
+        untrained,
+        "fine-tunes the network for few steps (SFD, SFD-v)",
+        work=lambda s, t: t.iterations,
+    )
+)

@@ -62,7 +62,8 @@ class StreamedArray:
         self.crc = 0
         header = io.BytesIO()
         np.lib.format.write_array_header_1_0(
-            header, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape})
+            header, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        )
         self._put(header.getvalue())
         self.rows = 0
 
@@ -91,8 +92,13 @@ def crc32_file(path: Path) -> str:
 
 
 def shard_shapes(n: int, steps: int, shape, cond_shape=None) -> dict[str, tuple]:
-    shapes = {"seeds": (n,), "noise": (n, *shape), "sigmas": (steps + 1,), "x": (n, steps + 1, *shape),
-              "denoised": (n, steps + 1, *shape)}
+    shapes = {
+        "seeds": (n,),
+        "noise": (n, *shape),
+        "sigmas": (steps + 1,),
+        "x": (n, steps + 1, *shape),
+        "denoised": (n, steps + 1, *shape),
+    }
     if cond_shape is not None:  # class labels / prompt indices, one row per sample
         shapes["cond"] = (n, *cond_shape)
     return shapes
@@ -101,16 +107,25 @@ def shard_shapes(n: int, steps: int, shape, cond_shape=None) -> dict[str, tuple]
 class ShardWriter:
     """Writes one shard under a temporary name; `finish` renames it and returns its manifest entry."""
 
-    def __init__(self, root: Path, name: str, start: int, count: int, steps: int, shape, dtype, sigmas,
-                 cond_shape=None):
+    def __init__(
+        self, root: Path, name: str, start: int, count: int, steps: int, shape, dtype, sigmas, cond_shape=None
+    ):
         self.root, self.name, self.start, self.count = root, name, start, count
         self.tmp = root / (name + ".tmp")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
-        dtypes = {"seeds": np.int64, "noise": np.float32, "sigmas": np.float64, "x": dtype, "denoised": dtype,
-                  "cond": np.int64}
-        self.files = {k: StreamedArray(self.tmp / f"{k}.npy", s, dtypes[k])
-                      for k, s in shard_shapes(count, steps, shape, cond_shape).items()}
+        dtypes = {
+            "seeds": np.int64,
+            "noise": np.float32,
+            "sigmas": np.float64,
+            "x": dtype,
+            "denoised": dtype,
+            "cond": np.int64,
+        }
+        self.files = {
+            k: StreamedArray(self.tmp / f"{k}.npy", s, dtypes[k])
+            for k, s in shard_shapes(count, steps, shape, cond_shape).items()
+        }
         self.files["sigmas"].write(np.asarray(sigmas, dtype=np.float64))
 
     def append(self, seeds, noise, x, denoised, cond=None) -> None:
@@ -130,8 +145,14 @@ class ShardWriter:
         final = self.root / self.name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(self.tmp, final)
-        return {"name": self.name, "start": self.start, "count": self.count, "status": "ok",
-                "crc32": sums, "bytes": sizes}
+        return {
+            "name": self.name,
+            "start": self.start,
+            "count": self.count,
+            "status": "ok",
+            "crc32": sums,
+            "bytes": sizes,
+        }
 
 
 def check_shard_files(root: Path, entry: dict, steps: int, shape, cond_shape=None) -> str | None:
@@ -173,7 +194,7 @@ class TeacherCache:
         self._maps: dict[str, dict] = {}
 
     @classmethod
-    def open(cls, path) -> "TeacherCache":
+    def open(cls, path) -> TeacherCache:
         root = Path(path)
         manifest = read_manifest(root)
         if manifest is None:
@@ -270,8 +291,10 @@ class TeacherCache:
             raise BadInput(f"train.heldout: must be >= 1, got {heldout}")
         samples = samples or n - heldout
         if samples < 1 or samples + heldout > n:
-            raise BadInput(f"train.samples + train.heldout = {samples} + {heldout} exceeds the {n} cached "
-                           "trajectories; raise teacher.num_samples or lower them")
+            raise BadInput(
+                f"train.samples + train.heldout = {samples} + {heldout} exceeds the {n} cached "
+                "trajectories; raise teacher.num_samples or lower them"
+            )
         return np.arange(samples), np.arange(n - heldout, n)
 
     def start(self, indices, model) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -291,11 +314,16 @@ class TeacherCache:
         grid = f"{spec['schedule']}, {self.steps} steps, sigma {self.sigmas[0]:g} -> {self.sigmas[-1]:g}"
         per = self.disk_bytes() / max(self.num_samples, 1)
         bad = sum(s["status"] != "ok" for s in self.manifest["shards"])
-        return [("model", f"{spec['model_spec']} ({spec['model']})"), ("solver", spec["solver"]), ("grid", grid),
-                ("dtype", spec["dtype"]), ("shape", "x".join(map(str, spec["shape"]))),
-                ("samples", f"{self.num_samples} (seeds {spec['seed']}..{spec['seed'] + self.num_samples - 1})"),
-                ("shards", f"{len(self.shards)} in use, {bad} bad"),
-                ("on disk", f"{self.disk_bytes() / 2**20:.1f} MiB, {per / 2**10:.1f} KiB per sample")]
+        return [
+            ("model", f"{spec['model_spec']} ({spec['model']})"),
+            ("solver", spec["solver"]),
+            ("grid", grid),
+            ("dtype", spec["dtype"]),
+            ("shape", "x".join(map(str, spec["shape"]))),
+            ("samples", f"{self.num_samples} (seeds {spec['seed']}..{spec['seed'] + self.num_samples - 1})"),
+            ("shards", f"{len(self.shards)} in use, {bad} bad"),
+            ("on disk", f"{self.disk_bytes() / 2**20:.1f} MiB, {per / 2**10:.1f} KiB per sample"),
+        ]
 
     def disk_bytes(self) -> int:
         return sum(sum(s["bytes"].values()) for s in self.shards)

@@ -17,16 +17,23 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..devices import resolve_device, resolve_dtype
 from ..errors import BadInput
+from ..generate import initial_noise
 from ..grids import make_grid
 from ..models import resolve
 from ..recipes import Recipe
-from ..devices import resolve_device, resolve_dtype
-from ..generate import initial_noise
 from ..solvers import get as get_solver
 from ..solvers.base import call
-from .cache import (FORMAT, FORMAT_VERSION, ShardWriter, check_shard_files, read_manifest, spec_differences,
-                    write_json_atomic)
+from .cache import (
+    FORMAT,
+    FORMAT_VERSION,
+    ShardWriter,
+    check_shard_files,
+    read_manifest,
+    spec_differences,
+    write_json_atomic,
+)
 
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -36,10 +43,18 @@ def teacher_spec(recipe: Recipe, model) -> dict:
     info = get_solver(t.solver)
     grid = make_grid(t.schedule, t.steps, model.sigma_min, model.sigma_max)
     cond = draw_cond(model, [t.seed])
-    return {"model": model.fingerprint, "model_spec": model.spec, "solver": info.name, "schedule": t.schedule,
-            "grid": grid.tolist(), "dtype": t.dtype, "shape": list(model.shape), "seed": t.seed,
-            "precision": t.precision,
-            "cond_shape": None if cond is None else list(cond.shape[1:])}
+    return {
+        "model": model.fingerprint,
+        "model_spec": model.spec,
+        "solver": info.name,
+        "schedule": t.schedule,
+        "grid": grid.tolist(),
+        "dtype": t.dtype,
+        "shape": list(model.shape),
+        "seed": t.seed,
+        "precision": t.precision,
+        "cond_shape": None if cond is None else list(cond.shape[1:]),
+    }
 
 
 def draw_cond(model, seeds):
@@ -156,8 +171,10 @@ def prepare_teacher(recipe: Recipe, model=None, overwrite: bool = False) -> Teac
     if manifest is not None and not overwrite:
         diffs = spec_differences(manifest["spec"], spec)
         if diffs:
-            raise BadInput(f"{root}: the cache was made with another spec; differs in: {', '.join(diffs)}. "
-                           "Use another teacher.cache folder, or --overwrite to replace it")
+            raise BadInput(
+                f"{root}: the cache was made with another spec; differs in: {', '.join(diffs)}. "
+                "Use another teacher.cache folder, or --overwrite to replace it"
+            )
     if manifest is None or overwrite:
         if overwrite and root.exists():
             shutil.rmtree(root)
@@ -165,8 +182,13 @@ def prepare_teacher(recipe: Recipe, model=None, overwrite: bool = False) -> Teac
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BadInput(f"teacher.cache: cannot create {str(root)!r}: {e.strerror or e}") from None
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__, "spec": spec,
-                    "shards": []}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "version": __version__,
+            "spec": spec,
+            "shards": [],
+        }
         write_json_atomic(root / "manifest.json", manifest)
     for leftover in root.glob("shard-*.tmp"):  # a shard in progress when a previous run died
         shutil.rmtree(leftover, ignore_errors=True)
@@ -176,8 +198,9 @@ def prepare_teacher(recipe: Recipe, model=None, overwrite: bool = False) -> Teac
     return TeacherJob(recipe, model, spec, root, manifest, plan_shards(manifest, t.num_samples, t.shard_size))
 
 
-def run_teacher(recipe: Recipe, overwrite: bool = False, progress=None, write: bool = True,
-                model=None) -> TeacherReport:
+def run_teacher(
+    recipe: Recipe, overwrite: bool = False, progress=None, write: bool = True, model=None
+) -> TeacherReport:
     """`sdistill teacher`: fill the recipe's cache, resuming where a previous run stopped."""
     return prepare_teacher(recipe, model, overwrite).run(progress, write)
 
@@ -200,15 +223,23 @@ def _integrate(job: TeacherJob, progress, write: bool) -> TeacherReport:
     shard = None
     try:
         for name, start, count in todo:
-            shard = (ShardWriter(root, name, start, count, t.steps, model.shape, store, spec["grid"], spec["cond_shape"])
-                     if write else None)
+            shard = (
+                ShardWriter(root, name, start, count, t.steps, model.shape, store, spec["grid"], spec["cond_shape"])
+                if write
+                else None
+            )
             for b0 in range(start, start + count, t.batch):
                 seeds = list(range(t.seed + b0, t.seed + min(b0 + t.batch, start + count)))
                 z = initial_noise(seeds, model.shape, model.dtype, model.device)
                 cond = draw_cond(model, seeds)
                 x, den = integrate_batch(model, spec["solver"], grid, z, cond)
-                arrays = (np.asarray(seeds), z.cpu().float().numpy(), x.cpu().numpy(), den.cpu().numpy(),
-                          None if cond is None else cond.cpu().numpy())
+                arrays = (
+                    np.asarray(seeds),
+                    z.cpu().float().numpy(),
+                    x.cpu().numpy(),
+                    den.cpu().numpy(),
+                    None if cond is None else cond.cpu().numpy(),
+                )
                 if writer:
                     writer.submit(lambda s=shard, a=arrays: s.append(*a))
                 generated += len(seeds)
@@ -230,5 +261,5 @@ def _integrate(job: TeacherJob, progress, write: bool) -> TeacherReport:
     finally:
         if writer:
             writer.close()
-    nfe = (t.steps * get_solver(spec["solver"]).calls_per_step + 1)
+    nfe = t.steps * get_solver(spec["solver"]).calls_per_step + 1
     return TeacherReport(root, t.num_samples, generated, t.num_samples - generated, time.time() - start_time, nfe)
