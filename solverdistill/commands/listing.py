@@ -11,6 +11,7 @@ def solvers():
     """List the handcrafted solvers: order, calls per step, default grid."""
     from .. import solvers as registry
 
+    registry.load_plugins()
     aliases: dict[str, list[str]] = {}
     for alias, name in registry.ALIASES.items():
         aliases.setdefault(name, []).append(alias)

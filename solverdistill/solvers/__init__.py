@@ -131,9 +131,26 @@ register(
 register(SolverInfo("deis", 3, 1, "time_uniform:2", "DEIS tAB-3 (polynomial in VP time)", table=deis_table))
 
 
+def load_plugins() -> None:
+    """Solvers other packages publish in the entry-point group `solverdistill.solvers` (each a `SolverInfo`)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="solverdistill.solvers"):
+        if ep.name not in SOLVERS:
+            try:
+                register(ep.load())
+            except Exception as e:  # a broken plugin must not break the built-in solvers
+                import warnings
+
+                warnings.warn(f"solver plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+
+
 def get(name: str) -> SolverInfo:
-    """A solver by name or alias; unknown names are bad input listing the known ones."""
+    """A solver by name or alias (built-in, registered, or from an entry point); unknown names are bad input."""
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in SOLVERS:
+        load_plugins()
+        key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in SOLVERS:
         names = sorted(set(SOLVERS) | set(ALIASES))
         raise BadInput(f"--solver: unknown solver {name!r}; choose one of {', '.join(names)} or an artifact path")
