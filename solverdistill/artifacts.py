@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -45,7 +47,7 @@ class Artifact:
         return a
 
 
-def new_meta(method: str, **fields) -> dict:
+def new_meta(method: str, **fields: Any) -> dict:
     """The meta every artifact starts with (format, version, method, creation time) plus `fields`."""
     return {
         "format": FORMAT,
@@ -123,7 +125,7 @@ def check_model(art: Artifact, fingerprint: str, force: bool = False) -> None:
         )
 
 
-def scan(folders, fingerprint: str | None = None) -> dict[Path, Artifact]:
+def scan(folders: Iterable[str | os.PathLike], fingerprint: str | None = None) -> dict[Path, Artifact]:
     """Every readable artifact in these folders (made for `fingerprint`, when given), in folder order."""
     found = {}
     for folder in folders:
@@ -137,7 +139,7 @@ def scan(folders, fingerprint: str | None = None) -> dict[Path, Artifact]:
     return found
 
 
-def find(method: str, nfe: int, fingerprint: str, folders) -> Path | None:
+def find(method: str, nfe: int, fingerprint: str, folders: Iterable[str | os.PathLike]) -> Path | None:
     """The first artifact of `method` at `nfe` for this model in these folders, or None."""
     for path, art in scan(folders, fingerprint).items():
         if art.method == method and int(art.meta["nfe"]) == nfe:

@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,11 +27,15 @@ import torch
 from . import __version__, artifacts, students
 from .evaluation import acceleration_ratio, heldout_rmse
 from .generate import generate, initial_noise
-from .pipeline import open_workspace
+from .pipeline import Say, open_workspace
 from .solvers import SOLVERS, plan, sweep
 
+if TYPE_CHECKING:
+    from .models.base import Denoiser
+    from .solvers.base import Solver
 
-def machine(device) -> dict:
+
+def machine(device: torch.device) -> dict:
     """Platform, Python, torch, CPU count and threads, and the GPU's name on CUDA."""
     info = {
         "platform": platform.platform(),
@@ -45,12 +50,12 @@ def machine(device) -> dict:
     return info
 
 
-def _sync(device):
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def sampling_overhead(model, solver, nfe: int, batch: int, batches: int, repeats: int = 5) -> dict:
+def sampling_overhead(model: Denoiser, solver: Solver, nfe: int, batch: int, batches: int, repeats: int = 5) -> dict:
     """Median over alternating repeats of (full sampling run) / (the same number of bare denoiser calls)."""
     seeds = list(range(batch * batches))
     z = initial_noise(seeds[:batch], model.shape, model.dtype, model.device) * model.sigma_max
@@ -101,7 +106,7 @@ def teacher_overhead(spec: str, num: int, steps: int, repeats: int = 3) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def fid_throughput(inception: str | None, device, batch: int, batches: int = 8) -> dict:
+def fid_throughput(inception: str | None, device: torch.device, batch: int, batches: int = 8) -> dict:
     """The `fid` feature path (quantise, network, statistics) against the bare Inception forward."""
     from .errors import BadInput
     from .fid import FeatureStats, InceptionFeatures, inception_path
@@ -130,10 +135,10 @@ def fid_throughput(inception: str | None, device, batch: int, batches: int = 8) 
 def run_bench(
     recipe_path: str = "recipes/quickstart.yaml",
     num: int = 256,
-    device=None,
-    inception=None,
+    device: torch.device | None = None,
+    inception: str | None = None,
     quick: bool = False,
-    say=print,
+    say: Say = print,
 ) -> dict:
     """Measure everything in the module docstring; returns the report (see `render`)."""
     from .recipes import load_recipe

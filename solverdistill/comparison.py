@@ -7,9 +7,11 @@ found in the artifact folders, or distilled from the recipe's teacher cache when
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -18,11 +20,14 @@ from .errors import BadInput
 from .evaluation import inception_fd, pixel_fd, pixel_stats, psnr, reference_endpoints, rmse
 from .generate import generate
 from .models import resolve
-from .pipeline import ProgressFactory, Say, distill, method_configs, no_progress, open_workspace
+from .pipeline import ProgressFactory, Say, Workspace, distill, method_configs, no_progress, open_workspace
 from .recipes import Recipe
 from .solvers import get as get_solver
 from .solvers import plan
 from .solvers.base import Solver
+
+if TYPE_CHECKING:
+    from .models.base import Denoiser
 
 METRICS = ("rmse", "psnr", "fd", "fid")
 REFERENCE_SEED = 1_000_000  # far from teacher seeds: held out by construction
@@ -78,7 +83,14 @@ def check_names(names: list[str]) -> None:
 class Resolver:
     """Turns a name and an NFE into a solver (or None: it cannot run at that NFE)."""
 
-    def __init__(self, model, workspace, folders: list[Path], say: Say, progress_factory: ProgressFactory):
+    def __init__(
+        self,
+        model: Denoiser,
+        workspace: Optional[Workspace],
+        folders: list[Path],
+        say: Say,
+        progress_factory: ProgressFactory,
+    ) -> None:
         self.model, self.workspace, self.folders = model, workspace, folders
         self.say, self.progress = say, progress_factory
 
@@ -127,8 +139,8 @@ def run_compare(
     model_spec: Optional[str] = None,
     num: int = 1000,
     seed: Optional[int] = None,
-    metrics=("rmse",),
-    folders=(Path("out"), Path("solvers")),
+    metrics: Sequence[str] = ("rmse",),
+    folders: Sequence[Path] = (Path("out"), Path("solvers")),
     batch: int = 250,
     say: Say = print,
     progress_factory: ProgressFactory = no_progress,
@@ -168,7 +180,8 @@ def run_compare(
         first = REFERENCE_SEED if seed is None else seed
         seeds = list(range(first, first + num))
         say(f"computing accurate endpoints: RK4 in log sigma, 256 steps, float64, {num} seeds")
-        ref = reference_endpoints(resolve(model_spec), seeds, steps=256, batch=batch).float()
+        # The reference runs in float64 on its own copy: the solvers keep the model as resolved.
+        ref = reference_endpoints(copy.deepcopy(model), seeds, steps=256, batch=batch).float()
         comp.reference = "RK4 in log sigma, 256 steps, float64 (run by compare)"
     comp.samples = len(seeds)
     resolver = Resolver(model, workspace, list(folders), say, progress_factory)

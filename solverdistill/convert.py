@@ -57,7 +57,7 @@ def _resnet(src: dict, old: str, new: str, out: dict, openai: bool) -> None:
                 out[f"{new}.{b}.{p}"] = src[f"{old}.{a}.{p}"]
 
 
-def unet_from_compvis(src: dict, num_head_channels: int, sample_size: int):
+def unet_from_compvis(src: dict, num_head_channels: int, sample_size: int) -> tuple[dict, dict]:
     inputs = sorted({int(k.split(".")[1]) for k in src if k.startswith("input_blocks.")})
     levels, current = [], []
     for i in inputs[1:]:
@@ -133,7 +133,7 @@ def unet_from_compvis(src: dict, num_head_channels: int, sample_size: int):
     return config, out
 
 
-def vq_from_compvis(src: dict):
+def vq_from_compvis(src: dict) -> tuple[dict, dict]:
     levels = sorted({int(k.split(".")[2]) for k in src if k.startswith("encoder.down.")})
     nrb = len({k.split(".")[4] for k in src if k.startswith("encoder.down.0.block.")})
     out, widths = {}, []

@@ -5,7 +5,8 @@ The Frechet machinery itself (feature statistics, Inception) is in fid.py."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -14,6 +15,10 @@ from .fid import FeatureStats, frechet_distance
 from .generate import generate
 from .solvers.base import Solver
 from .solvers.singlestep import RK4Reference
+
+if TYPE_CHECKING:
+    from .models.base import Denoiser
+    from .teacher.cache import TeacherCache
 
 
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -26,13 +31,21 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
     return 20 * math.log10(data_range / max(rmse(x, ref), 1e-300))
 
 
-def reference_endpoints(model, seeds: list[int], steps: int = 256, batch: int = 250, progress=None) -> torch.Tensor:
+def reference_endpoints(
+    model: Denoiser,
+    seeds: list[int],
+    steps: int = 256,
+    batch: int = 250,
+    progress: Callable[..., Any] | None = None,
+) -> torch.Tensor:
     """Accurate endpoints: RK4 in log sigma, float64, from the same per-seed noise the samplers use."""
     model = model.to(dtype=torch.float64)
     return generate(model, RK4Reference(model, steps), seeds, batch=batch, progress=progress).x
 
 
-def cache_endpoints(solver: Solver, model, cache, indices, batch: int = 256) -> torch.Tensor:
+def cache_endpoints(
+    solver: Solver, model: Any, cache: TeacherCache, indices: np.ndarray | Sequence[int], batch: int = 256
+) -> torch.Tensor:
     """`solver`'s endpoints from the cached noise (and conditioning) of these samples, float64 on the CPU."""
     outs = []
     with torch.no_grad():
@@ -41,7 +54,9 @@ def cache_endpoints(solver: Solver, model, cache, indices, batch: int = 256) -> 
     return torch.cat(outs)
 
 
-def heldout_rmse(solver: Solver, model, cache, indices, batch: int = 256) -> float:
+def heldout_rmse(
+    solver: Solver, model: Any, cache: TeacherCache, indices: np.ndarray | Sequence[int], batch: int = 256
+) -> float:
     """Endpoint RMSE of `solver` against the teacher on these cached samples."""
     return rmse(cache_endpoints(solver, model, cache, indices, batch), cache.endpoints(indices))
 

@@ -9,11 +9,14 @@ StyleGAN2-ADA metrics; clean-fid's `InceptionV3W` wraps the same file) is read f
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from .errors import BadInput
 from .images import to_uint8_nchw
@@ -26,12 +29,12 @@ INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrain
 class FeatureStats:
     """Sums of f and f f^T in float64, so parts (batches, processes) add up to the whole exactly."""
 
-    def __init__(self, dim: int | None = None):
+    def __init__(self, dim: int | None = None) -> None:
         self.n, self.s1, self.s2 = 0, None, None
         if dim is not None:
             self._alloc(dim)
 
-    def _alloc(self, dim, device="cpu"):
+    def _alloc(self, dim: int, device: torch.device | str = "cpu") -> None:
         self.s1 = torch.zeros(dim, dtype=torch.float64, device=device)
         self.s2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
@@ -60,7 +63,7 @@ class FeatureStats:
         return ((self.s2 - self.n * torch.outer(mu, mu)) / (self.n - 1)).cpu().numpy()
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
     """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), with tr sqrt(S1 S2) = sum sqrt(max(Re eig(S1 S2), 0))."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -94,7 +97,7 @@ class InceptionFeatures:
     resizes inside (the papers' numbers). `clean`: PIL bicubic resize to 299 outside, then the network's layers
     on (x - 128) / 128, as clean-fid's clean mode does."""
 
-    def __init__(self, path: Path, mode: str = "legacy_tensorflow", device="cpu"):
+    def __init__(self, path: Path, mode: str = "legacy_tensorflow", device: torch.device | str = "cpu") -> None:
         if mode not in ("legacy_tensorflow", "clean"):
             raise BadInput(f"--mode: expected legacy_tensorflow or clean, got {mode!r}")
         import warnings
@@ -139,7 +142,7 @@ def clean_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def iter_images(source: str, batch: int):
+def iter_images(source: str, batch: int) -> Iterator[torch.Tensor]:
     """Batches of uint8 [B, C, H, W] from a samples.npz (`images` if present, else `x`, in [-1, 1]) or a folder
     of PNG/JPEG files (sorted by name). Reads lazily: memory does not grow with the number of samples."""
     from PIL import Image, UnidentifiedImageError
@@ -180,7 +183,7 @@ def iter_images(source: str, batch: int):
         yield to_uint8_nchw(torch.from_numpy(np.asarray(x[b : b + batch])))
 
 
-def iter_pixels(source: str, batch: int):
+def iter_pixels(source: str, batch: int) -> Iterator[torch.Tensor]:
     """Raw sample values, flattened, float64 (no quantisation) from a samples.npz; images from a folder map
     to [-1, 1]."""
     p = Path(source)
@@ -198,7 +201,7 @@ def iter_pixels(source: str, batch: int):
         yield (u8.to(torch.float64) - 127.5) / 127.5
 
 
-def prefetch(iterator, depth: int = 2):
+def prefetch(iterator: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     """Run a batch iterator in a background thread so decoding overlaps the network."""
     import queue
     import threading
@@ -206,7 +209,7 @@ def prefetch(iterator, depth: int = 2):
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
-    def worker():
+    def worker() -> None:
         try:
             for item in iterator:
                 q.put(item)
@@ -256,7 +259,13 @@ class FIDResult:
 
 
 def compute_stats(
-    source: str, features: str, mode: str, batch: int, device, inception: str | None, progress=None
+    source: str,
+    features: str,
+    mode: str,
+    batch: int,
+    device: torch.device | str,
+    inception: str | None,
+    progress: Callable[..., Any] | None = None,
 ) -> FeatureStats:
     stats = FeatureStats()
     if features == "pixels":
@@ -274,7 +283,9 @@ def compute_stats(
     return stats
 
 
-def reference_stats(ref: str, features: str, mode: str, batch, device, inception) -> tuple[np.ndarray, np.ndarray, str]:
+def reference_stats(
+    ref: str, features: str, mode: str, batch: int, device: torch.device | str, inception: str | None
+) -> tuple[np.ndarray, np.ndarray, str]:
     p = Path(ref)
     if p.is_file() and p.suffix == ".npz" and not _is_samples(p):
         mu, sigma = load_stats(p)
@@ -307,7 +318,16 @@ def _is_samples(p: Path) -> bool:
         return "mu" not in f.files and ("x" in f.files or "images" in f.files)
 
 
-def run_fid(samples: str, ref: str, features: str, mode: str, batch: int, device, inception, progress=None):
+def run_fid(
+    samples: str,
+    ref: str,
+    features: str,
+    mode: str,
+    batch: int,
+    device: torch.device | str,
+    inception: str | None,
+    progress: Callable[..., Any] | None = None,
+) -> FIDResult:
     if features not in FEATURES:
         raise BadInput(f"--features: expected one of {', '.join(FEATURES)}, got {features!r}")
     if mode not in ("legacy_tensorflow", "clean"):
@@ -319,7 +339,9 @@ def run_fid(samples: str, ref: str, features: str, mode: str, batch: int, device
     return FIDResult(frechet_distance(s.mean(), s.cov(), mu_r, sig_r), s.n, features, mode, where)
 
 
-def make_ref(images: str, out: str, features: str, mode: str, batch: int, device, inception) -> tuple[Path, int]:
+def make_ref(
+    images: str, out: str, features: str, mode: str, batch: int, device: torch.device | str, inception: str | None
+) -> tuple[Path, int]:
     s = compute_stats(images, features, mode, batch, device, inception)
     path = Path(out)
     try:

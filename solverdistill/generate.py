@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -18,7 +18,7 @@ from .solvers.base import Solver, Step
 class CountingDenoiser:
     """Counts denoiser calls per sample (NFE) around any denoiser; forwards everything else."""
 
-    def __init__(self, model, _cell=None):
+    def __init__(self, model: Any, _cell: list[int] | None = None) -> None:
         self.model = model
         self._cell = _cell if _cell is not None else [0]
 
@@ -26,19 +26,24 @@ class CountingDenoiser:
     def calls(self) -> int:
         return self._cell[0]
 
-    def with_model(self, other) -> CountingDenoiser:
+    def with_model(self, other: Any) -> CountingDenoiser:
         """The same counter around another denoiser (a student that carries its own fine-tuned network)."""
         return CountingDenoiser(other, self._cell)
 
-    def __call__(self, x, sigma, cond=None):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         self._cell[0] += 1
         return self.model(x, sigma, cond)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
 
-def initial_noise(seeds: Iterable[int], shape: tuple[int, ...], dtype=torch.float32, device="cpu") -> torch.Tensor:
+def initial_noise(
+    seeds: Iterable[int],
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Standard-normal noise, one CPU generator per seed (drawn in float32, then cast), so it never depends
     on batch size, device or dtype."""
     zs = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32) for s in seeds]
@@ -55,7 +60,7 @@ class Result:
 
 
 def generate(
-    model,
+    model: Any,
     solver: Solver,
     seeds: list[int],
     batch: int = 64,

@@ -32,7 +32,7 @@ class VPTime:
     """The VP-SDE time tau in [TAU_MIN, 1] whose sigma(tau) = sqrt(exp(beta_d tau^2/2 + beta_min tau) - 1)
     hits sigma_min at TAU_MIN and sigma_max at 1 (used by `time_uniform` grids and DEIS)."""
 
-    def __init__(self, sigma_min: float, sigma_max: float, tau_min: float = TAU_MIN):
+    def __init__(self, sigma_min: float, sigma_max: float, tau_min: float = TAU_MIN) -> None:
         # log(1 + sigma^2) = beta_d tau^2 / 2 + beta_min tau: two linear equations in (beta_d, beta_min).
         g0, g1 = math.log1p(sigma_min**2), math.log1p(sigma_max**2)
         e = tau_min

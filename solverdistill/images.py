@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ def to_uint8_nchw(x: torch.Tensor) -> torch.Tensor:
     return (x.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
-def is_image(shape) -> bool:
+def is_image(shape: Sequence[int]) -> bool:
     """Per-sample shape [C, H, W] with 1 or 3 channels and at least 8 pixels a side."""
     return len(shape) == 3 and shape[0] in (1, 3) and min(shape[1:]) >= 8
 

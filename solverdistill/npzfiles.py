@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,19 +28,19 @@ def ensure_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     return p
 
 
-def write_npz(path: Path, meta: dict, **arrays) -> None:
+def write_npz(path: Path, meta: dict, **arrays: Any) -> None:
     """Write `meta` (as JSON) and the arrays atomically: a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, meta=np.array(json.dumps(meta)), **{k: np.asarray(v) for k, v in arrays.items()})
     os.replace(tmp, path)
 
 
-def read_meta(npz) -> dict:
+def read_meta(npz: Mapping[str, np.ndarray]) -> dict:
     """The JSON `meta` of an opened NPZ file."""
     return json.loads(str(npz["meta"][()]))
 
 
-def read_npz(path, what: str = "file") -> tuple[dict, dict]:
+def read_npz(path: str | os.PathLike, what: str = "file") -> tuple[dict, dict]:
     """Read our NPZ files (samples, artifacts) safely: plain arrays plus a JSON `meta`; an object array is
     refused, so nothing in a file is ever executed. Returns (arrays, meta)."""
     try:
@@ -50,7 +53,7 @@ def read_npz(path, what: str = "file") -> tuple[dict, dict]:
                 "and nothing in it is ever executed"
             ) from None
         raise BadInput(f"{path}: not a readable NPZ {what} ({e})") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # a damaged zip is unreadable too, not a crash
         raise BadInput(f"{path}: not a readable NPZ {what} ({e})") from None
     if "meta" not in arrays:
         raise BadInput(f"{path}: missing the 'meta' entry (a JSON string)")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import artifacts, students
 from .devices import resolve_device, resolve_dtype
@@ -21,11 +21,14 @@ from .solvers import sweep
 from .teacher import TeacherCache
 from .teacher.run import prepare_teacher
 
+if TYPE_CHECKING:
+    from .models.base import Denoiser
+
 Say = Callable[[str], None]
 ProgressFactory = Callable[[int, str], Any]  # (total, label) -> a context manager that is called with n done
 
 
-def no_progress(total: int, label: str):
+def no_progress(total: int, label: str) -> contextlib.AbstractContextManager[Callable[..., None]]:
     return contextlib.nullcontext(lambda n=1, info=None: None)
 
 
@@ -40,7 +43,7 @@ class Workspace:
 
 
 def teacher_cache(
-    recipe: Recipe, model, say: Say = print, progress_factory: ProgressFactory = no_progress
+    recipe: Recipe, model: Denoiser, say: Say = print, progress_factory: ProgressFactory = no_progress
 ) -> tuple[TeacherCache, bool]:
     """The recipe's teacher cache, integrating what is missing first (with `model`, already resolved).
     Returns the cache and whether anything was integrated."""

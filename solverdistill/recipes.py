@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -18,7 +19,7 @@ import yaml
 from .errors import BadInput
 
 
-def _check(**limits):
+def _check(**limits: Any) -> dict[str, Any]:
     return limits
 
 
@@ -62,7 +63,7 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def _expand(value: str, where: str) -> str:
-    def sub(m):
+    def sub(m: re.Match[str]) -> str:
         if m.group(1) not in os.environ:
             raise BadInput(f"{where}: environment variable {m.group(1)} is not set")
         return os.environ[m.group(1)]
@@ -70,7 +71,7 @@ def _expand(value: str, where: str) -> str:
     return _ENV.sub(sub, value)
 
 
-def build_section(cls, data: Any, where: str):
+def build_section(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise BadInput(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -85,7 +86,7 @@ def build_section(cls, data: Any, where: str):
     return cls(**values)
 
 
-def _coerce(tp, value, key, limits):
+def _coerce(tp: Any, value: Any, key: str, limits: Mapping[str, Any]) -> Any:
     if dataclasses.is_dataclass(tp):
         return build_section(tp, value if value is not None else {}, key)
     if tp is dict:

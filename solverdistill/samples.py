@@ -3,7 +3,10 @@ written: samples.npz (docs/formats.md "samples.npz") and pictures."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,9 +15,10 @@ from .devices import resolve_device, resolve_dtype
 from .errors import BadInput
 from .generate import generate
 from .images import save_pictures
-from .models import resolve
+from .models import Denoiser, resolve
 from .npzfiles import ensure_dir, write_npz
 from .solvers import plan
+from .solvers.base import Solver, Step
 
 DEFAULT_NFE = 10
 
@@ -24,7 +28,17 @@ def is_artifact(solver: str) -> bool:
     return solver.endswith((".npz", ".yaml", ".yml")) or Path(solver).is_file()
 
 
-def load_solver(solver, model_spec, nfe, schedule, afs, lower_order_final, device, dtype, force):
+def load_solver(
+    solver: str,
+    model_spec: str | None,
+    nfe: int | None,
+    schedule: str | None,
+    afs: bool,
+    lower_order_final: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    force: bool,
+) -> tuple[Denoiser, Solver, dict]:
     """(denoiser, solver, meta about the solver) for a handcrafted name or an artifact path."""
     if is_artifact(solver):
         art = artifacts.load(solver)
@@ -46,7 +60,7 @@ def load_solver(solver, model_spec, nfe, schedule, afs, lower_order_final, devic
     return den, p, {"schedule": schedule or p.info.default_schedule}
 
 
-def with_options(spec: str | None, **options) -> str | None:
+def with_options(spec: str | None, **options: Any) -> str | None:
     """Append model options given as flags (--prompt, --prompts, --guidance) to a spec's query string."""
     from urllib.parse import urlencode
 
@@ -58,22 +72,22 @@ def with_options(spec: str | None, **options) -> str | None:
 
 def run_sample(
     *,
-    model,
-    solver,
-    nfe,
-    schedule,
-    afs,
-    lower_order_final,
-    num,
-    seed,
-    batch,
+    model: str | None,
+    solver: str,
+    nfe: int | None,
+    schedule: str | None,
+    afs: bool,
+    lower_order_final: bool,
+    num: int,
+    seed: int,
+    batch: int,
     out_dir: Path,
-    device,
-    dtype,
-    png,
-    progress,
-    force=False,
-    precision="fp32",
+    device: str,
+    dtype: str,
+    png: bool,
+    progress: AbstractContextManager[Callable[..., Any]],
+    force: bool = False,
+    precision: str = "fp32",
 ) -> str:
     """Sample seeds [seed, seed + num) and write samples.npz and pictures to out_dir; returns a summary line."""
     if num < 1:
@@ -88,7 +102,7 @@ def run_sample(
     seeds = list(range(seed, seed + num))
     grids: list = []  # per-sample grids, for learned solvers whose grid depends on the sample
 
-    def keep_grid(_, step):
+    def keep_grid(_: list[int], step: Step) -> None:
         grids.append((step.i, step.sigma.cpu(), step.sigma_next.cpu()))
 
     per_sample = getattr(sol, "per_sample_grid", False)
@@ -129,7 +143,7 @@ def run_sample(
     )
 
 
-def per_sample_grids(records, num: int) -> torch.Tensor:
+def per_sample_grids(records: list[tuple[int, torch.Tensor, torch.Tensor]], num: int) -> torch.Tensor:
     """[num, steps + 1] sigmas each sample actually used, from the per-step callback records (batch order)."""
     rows, current = [], {}
     for i, sigma, sigma_next in records:

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ..errors import BadInput
 from .base import Denoiser, Wrapped
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -24,23 +28,25 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(scheme: str, load: Callable[[str, str], Denoiser], help: str, examples=()) -> None:
+def register_backend(
+    scheme: str, load: Callable[[str, str], Denoiser], help: str, examples: Iterable[str] = ()
+) -> None:
     BACKENDS[scheme] = Backend(scheme, load, help, tuple(examples))
 
 
-def _gmm(body, spec):
+def _gmm(body: str, spec: str) -> Denoiser:
     from . import gmm
 
     return gmm.load(body, spec)
 
 
-def _python(body, spec):
+def _python(body: str, spec: str) -> Denoiser:
     from . import python_factory
 
     return python_factory.load(body, spec)
 
 
-def _edm(body, spec):
+def _edm(body: str, spec: str) -> Denoiser:
     from . import edm
 
     return edm.load(body, spec)
@@ -54,7 +60,7 @@ register_backend(
 )
 
 
-def _diffusers(body, spec):
+def _diffusers(body: str, spec: str) -> Denoiser:
     from . import diffusers_models
 
     return diffusers_models.load(body, spec)
@@ -68,7 +74,7 @@ register_backend(
 )
 
 
-def _toy(body, spec):
+def _toy(body: str, spec: str) -> Denoiser:
     from . import toy
 
     return toy.load(body, spec)
@@ -92,14 +98,11 @@ register_backend(
 
 
 def _entry_point_backends() -> None:
-    try:
-        from importlib.metadata import entry_points
+    from ..plugins import load_entry_points
 
-        for ep in entry_points(group="solverdistill.backends"):
-            if ep.name not in BACKENDS:
-                register_backend(ep.name, ep.load(), f"plugin {ep.value}")
-    except Exception:  # a broken third-party plugin must not break the built-in backends
-        pass
+    load_entry_points(
+        "solverdistill.backends", BACKENDS, lambda name, load, where: register_backend(name, load, f"plugin {where}")
+    )
 
 
 def spec_from_yaml(path: str) -> str:
@@ -116,7 +119,7 @@ def spec_from_yaml(path: str) -> str:
     return os.path.expandvars(data["spec"])
 
 
-def resolve(spec: str, device=None, dtype=None) -> Denoiser:
+def resolve(spec: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Denoiser:
     """Turn `scheme:body` (or a YAML file naming one) into a denoiser on the given device and dtype."""
     spec = spec.strip()
     if spec.endswith((".yaml", ".yml")) and os.path.isfile(spec):

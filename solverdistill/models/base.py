@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -32,10 +33,10 @@ class Denoiser:
 
     precision: str = "fp32"
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError  # abstract
 
-    def to(self, device=None, dtype=None) -> Denoiser:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Denoiser:
         return self
 
     def set_precision(self, precision: str) -> Denoiser:
@@ -50,7 +51,7 @@ class Denoiser:
             self.net.to(memory_format=torch.channels_last)
         return self
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The context the network runs in: autocast to fp16/bf16, or nothing for fp32."""
         dtype = PRECISIONS[self.precision]
         if dtype is None:
@@ -61,7 +62,7 @@ class Denoiser:
 class Wrapped(Denoiser):
     """A user's object (a `python:` factory's result, a torch module) with the seam's metadata beside it."""
 
-    def __init__(self, obj, spec: str, fingerprint: str):
+    def __init__(self, obj: Any, spec: str, fingerprint: str) -> None:
         self.obj = obj
         self.spec, self.fingerprint = spec, fingerprint
         self.sigma_min, self.sigma_max = float(obj.sigma_min), float(obj.sigma_max)
@@ -73,17 +74,17 @@ class Wrapped(Denoiser):
             if callable(getattr(obj, name, None)):
                 setattr(self, name, getattr(obj, name))
 
-    def __call__(self, x, sigma, cond=None):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         with self.autocast():
             return self.obj(x, sigma, cond)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         """Anything else the user's object offers (a bottleneck's `last_features`, ...)."""
         if name == "obj":
             raise AttributeError(name)
         return getattr(self.obj, name)
 
-    def to(self, device=None, dtype=None):
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Wrapped:
         if isinstance(self.obj, torch.nn.Module):
             self.obj.to(device=device, dtype=dtype)
         elif callable(getattr(self.obj, "to", None)):

@@ -24,7 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 from urllib.parse import parse_qs
 
 import numpy as np
@@ -59,7 +62,9 @@ def alphas_cumprod(cfg: dict) -> np.ndarray:
 
 
 class VPDenoiser(Denoiser):
-    def __init__(self, unet, sched_cfg: dict, spec: str, fingerprint: str, round_timesteps: bool = False):
+    def __init__(
+        self, unet: torch.nn.Module, sched_cfg: dict, spec: str, fingerprint: str, round_timesteps: bool = False
+    ) -> None:
         self.net = unet.eval().requires_grad_(False)
         self.spec, self.fingerprint = spec, fingerprint
         ac = alphas_cumprod(sched_cfg)
@@ -83,10 +88,10 @@ class VPDenoiser(Denoiser):
         t = (idx - 1).to(torch.float64) + w
         return t.round() if self.round_timesteps else t
 
-    def _predict(self, x_vp, t, cond):
+    def _predict(self, x_vp: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return self.net(x_vp, t).sample
 
-    def __call__(self, x, sigma, cond=None):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         s = sigma.to(torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
         x32 = x.to(torch.float32)
         t = self.t_of(sigma).to(device=x.device, dtype=torch.float32)
@@ -100,7 +105,7 @@ class VPDenoiser(Denoiser):
             d = out
         return d.to(x.dtype)
 
-    def to(self, device=None, dtype=None):
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VPDenoiser:
         self.device = torch.device(device) if device is not None else self.device
         for part in (self.net, getattr(self, "autoencoder", None), getattr(self, "text_encoder", None)):
             if part is not None:
@@ -112,28 +117,46 @@ class VPDenoiser(Denoiser):
 class LatentDenoiser(VPDenoiser):
     """A UNet2DModel over the latents of a VQModel (scale 1.0) or an AutoencoderKL (1 / scaling_factor)."""
 
-    def __init__(self, unet, autoencoder, sched_cfg, spec, fingerprint, round_timesteps=False):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        autoencoder: torch.nn.Module,
+        sched_cfg: dict,
+        spec: str,
+        fingerprint: str,
+        round_timesteps: bool = False,
+    ) -> None:
         super().__init__(unet, sched_cfg, spec, fingerprint, round_timesteps)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         is_vq = type(autoencoder).__name__ == "VQModel"
         self.latent_scale = 1.0 if is_vq else float(getattr(autoencoder.config, "scaling_factor", 0.18215))
 
     @torch.no_grad()
-    def decode(self, z):
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode(z.to(torch.float32) / self.latent_scale).sample
 
 
 class StableDiffusionDenoiser(LatentDenoiser):
     def __init__(
-        self, unet, vae, text_encoder, tokenizer, sched_cfg, spec, fingerprint, prompts, guidance, round_timesteps=False
-    ):
+        self,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        sched_cfg: dict,
+        spec: str,
+        fingerprint: str,
+        prompts: list[str],
+        guidance: float,
+        round_timesteps: bool = False,
+    ) -> None:
         super().__init__(unet, vae, sched_cfg, spec, fingerprint, round_timesteps)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer, self.prompts, self.guidance = tokenizer, prompts, float(guidance)
         self.passes_per_call = 1 if self.guidance == 1.0 else 2
         self._embeddings: dict[str, torch.Tensor] = {}
 
-    def draw_cond(self, seeds) -> torch.Tensor:
+    def draw_cond(self, seeds: Sequence[int]) -> torch.Tensor:
         """Prompt index per seed: caption i for seed i (modulo the number of captions)."""
         return torch.tensor([int(s) % len(self.prompts) for s in seeds])
 
@@ -148,7 +171,7 @@ class StableDiffusionDenoiser(LatentDenoiser):
                 self._embeddings[p] = e
         return torch.stack([self._embeddings[p] for p in texts])
 
-    def _predict(self, x_vp, t, cond):
+    def _predict(self, x_vp: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if cond is None:
             raise BadInput(f"--model {self.spec}: Stable Diffusion needs prompt indices (drawn per seed)")
         text = self.embed([self.prompts[int(i)] for i in cond])
@@ -235,7 +258,7 @@ def load(body: str, spec: str) -> VPDenoiser:
             raise BadInput(f"--model {spec}: missing {need}")
     sched = _read_json(sched_path, "scheduler config")
 
-    def part(cls_name, name, library=diffusers):
+    def part(cls_name: str, name: str, library: ModuleType = diffusers) -> Any:
         folder = sub(name)
         try:
             cls = getattr(library, cls_name)

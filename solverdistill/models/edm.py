@@ -15,7 +15,9 @@ import os
 import pickle
 import sys
 import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,20 +65,20 @@ def check_trust(path: Path, digest: str) -> None:
 
 
 class _EasyDict(dict):
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         self[name] = value
 
-    def __delattr__(self, name):
+    def __delattr__(self, name: str) -> None:
         del self[name]
 
 
-def _stand_in_modules(reconstruct) -> dict[str, types.ModuleType]:
+def _stand_in_modules(reconstruct: Callable[[dict], Any]) -> dict[str, types.ModuleType]:
     """What EDM's pickled sources import: `torch_utils.persistence` (the decorator), `torch_utils.misc`,
     `dnnlib` (EasyDict)."""
     torch_utils = types.ModuleType("torch_utils")
@@ -102,7 +104,7 @@ def load_edm_pickle(path: Path) -> dict:
     """Unpickle a vouched-for EDM checkpoint with our stand-ins; each distinct module source is compiled once."""
     modules: dict[str, types.ModuleType] = {}
 
-    def reconstruct(meta):
+    def reconstruct(meta: dict) -> Any:
         meta = _EasyDict(meta)
         if meta.get("type") != "class":
             raise BadInput(f"{path}: unsupported persistent object type {meta.get('type')!r}")
@@ -144,7 +146,7 @@ def load_edm_pickle(path: Path) -> dict:
 class EDMDenoiser(Denoiser):
     """Wraps `net(x, sigma, class_labels)`; sampling range [max(0.002, net.sigma_min), min(80, net.sigma_max)]."""
 
-    def __init__(self, net: torch.nn.Module, spec: str, fingerprint: str, fixed_class: int | None = None):
+    def __init__(self, net: torch.nn.Module, spec: str, fingerprint: str, fixed_class: int | None = None) -> None:
         self.net = net.eval().requires_grad_(False)
         self.fixed_class = fixed_class
         self.spec, self.fingerprint = spec, fingerprint
@@ -155,18 +157,18 @@ class EDMDenoiser(Denoiser):
         self.last_features = None
         self._hook_bottleneck()
 
-    def _hook_bottleneck(self):
+    def _hook_bottleneck(self) -> None:
         """DLMS designer input: the last 8x8 encoder block, averaged over channels (64 numbers)."""
         enc = getattr(getattr(self.net, "model", None), "enc", None)
         keys = [k for k in (enc.keys() if enc is not None else []) if k.startswith("8x8_block")]
         if keys:
 
-            def keep(_module, _inputs, output):
+            def keep(_module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
                 self.last_features = output.mean(1).flatten(1)
 
             enc[keys[-1]].register_forward_hook(keep)
 
-    def draw_cond(self, seeds) -> torch.Tensor | None:
+    def draw_cond(self, seeds: Sequence[int]) -> torch.Tensor | None:
         """One class label per seed (its own generator, offset from the noise's), so labels too are per sample."""
         if self.label_dim == 0:
             return None
@@ -179,7 +181,7 @@ class EDMDenoiser(Denoiser):
             ]
         )
 
-    def labels(self, cond, batch: int, device):
+    def labels(self, cond: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor | None:
         if self.label_dim == 0:
             return None
         if cond is None:
@@ -191,12 +193,12 @@ class EDMDenoiser(Denoiser):
             cond = torch.nn.functional.one_hot(cond.long(), self.label_dim)
         return cond.to(torch.float32)
 
-    def __call__(self, x, sigma, cond=None):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         with self.autocast():
             out = self.net(x.to(torch.float32), sigma.to(torch.float32), self.labels(cond, x.shape[0], x.device))
         return out.to(x.dtype)
 
-    def to(self, device=None, dtype=None):
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> EDMDenoiser:
         self.device = torch.device(device) if device is not None else self.device
         self.net.to(device=self.device)
         self.dtype = dtype or self.dtype

@@ -30,7 +30,7 @@ class GMMParams:
     spread: float = 0.2  # per-pixel std of the low-rank part (sqrt(sum lam / d))
     layout: str = "smooth"  # means and directions: "smooth" images, "random" vectors, "ring" (2-D circle)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         d = math.prod(self.shape)
         if not self.shape or any(n < 1 for n in self.shape):
             raise BadInput(f"gmm shape: every dimension must be >= 1, got {self.shape}")
@@ -135,7 +135,7 @@ def build_arrays(p: GMMParams) -> dict[str, np.ndarray]:
 
 
 class GaussianMixture(Denoiser):
-    def __init__(self, params: GMMParams, spec: str | None = None):
+    def __init__(self, params: GMMParams, spec: str | None = None) -> None:
         self.params = params
         self.shape = tuple(params.shape)
         self.spec = spec or "gmm:" + ",".join(f"{k}={_fmt(v)}" for k, v in asdict(params).items())
@@ -145,7 +145,7 @@ class GaussianMixture(Denoiser):
         self.arrays = build_arrays(params)
         self.to("cpu", torch.float32)
 
-    def to(self, device=None, dtype=None):
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GaussianMixture:
         """Parameters live in float64 on `device`: the mixture's logits cancel large terms at small sigma, so
         the denoiser computes in float64 whatever the state's dtype, and returns the state's dtype."""
         self.device = torch.device(device or self.device)
@@ -158,7 +158,9 @@ class GaussianMixture(Denoiser):
         self.mu2 = (self.means**2).sum(1)  # |mu_k|^2
         return self
 
-    def _logits(self, xf: torch.Tensor, sigma: torch.Tensor):
+    def _logits(
+        self, xf: torch.Tensor, sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Posterior log-weights per (sample, component) with the pieces the posterior mean reuses.
         All matrix products are [B,d] x [d,K*r]: nothing of size B*K*d is formed, O(K d r) per sample."""
         b = xf.shape[0]
@@ -172,7 +174,7 @@ class GaussianMixture(Denoiser):
         logdet = (d - r) * torch.log(c) + torch.log(lc).sum(-1)
         return self.logw[None] - 0.5 * (quad + logdet), proj, c, lc
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         b = x.shape[0]
         xf = x.reshape(b, -1).to(torch.float64)
         logp, proj, c, lc = self._logits(xf, sigma.to(torch.float64))
@@ -222,7 +224,7 @@ class GaussianMixture(Denoiser):
         return cov - torch.outer(mean, mean)
 
 
-def _fmt(v) -> str:
+def _fmt(v: object) -> str:
     return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
 

@@ -7,6 +7,7 @@ import importlib
 import inspect
 import os
 import sys
+import types
 
 from ..errors import BadInput
 from .base import Wrapped
@@ -51,7 +52,7 @@ def load(body: str, spec: str) -> Wrapped:
     return Wrapped(obj, spec, fingerprint(spec, module))
 
 
-def fingerprint(spec: str, module) -> str:
+def fingerprint(spec: str, module: types.ModuleType) -> str:
     """Spec plus a hash of the module's source file: the same in every process (so a cache can resume)."""
     h = hashlib.sha256(spec.encode())
     try:

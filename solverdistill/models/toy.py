@@ -23,14 +23,14 @@ SIGMA_DATA = 0.5
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, emb: int):
+    def __init__(self, cin: int, cout: int, emb: int) -> None:
         super().__init__()
         self.n1, self.c1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb, cout)
         self.n2, self.c2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x, e):
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         h = self.c1(F.silu(self.n1(x))) + self.emb(e)[:, :, None, None]
         return self.skip(x) + self.c2(F.silu(self.n2(h)))
 
@@ -39,7 +39,9 @@ class ToyUNet(nn.Module):
     """32x32 -> 16x16 -> 8x8 and back, one residual block per level and two at the bottleneck; the noise level
     (c_noise = log(sigma) / 4) and an optional step condition (SFD-v: the number of sampling steps) are embedded."""
 
-    def __init__(self, channels=(32, 64, 96), emb: int = 128, img_channels: int = 3, steps_embed: int = 8):
+    def __init__(
+        self, channels: tuple[int, int, int] = (32, 64, 96), emb: int = 128, img_channels: int = 3, steps_embed: int = 8
+    ) -> None:
         super().__init__()
         c1, c2, c3 = channels
         self.emb = emb
@@ -55,7 +57,7 @@ class ToyUNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(8, c1), nn.SiLU(), nn.Conv2d(c1, img_channels, 3, padding=1))
         self.bottleneck = None
 
-    def forward(self, x, c_noise, step=None):
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
         freqs = torch.exp(torch.linspace(0, math.log(1000), 16, device=x.device))
         e = self.t_mlp(torch.cat([torch.sin(c_noise[:, None] * freqs), torch.cos(c_noise[:, None] * freqs)], 1))
         if step is not None:
@@ -74,13 +76,13 @@ class ToyDenoiser(Denoiser):
 
     accepts_step_condition = True
 
-    def __init__(self, net: ToyUNet, spec: str = "toy:unet-gmm", fingerprint: str = ""):
+    def __init__(self, net: ToyUNet, spec: str = "toy:unet-gmm", fingerprint: str = "") -> None:
         self.net, self.spec, self.fingerprint = net, spec, fingerprint
         self.shape, self.sigma_min, self.sigma_max = (3, 32, 32), 0.002, 80.0
         self.step_condition = None  # SFD-v sets the number of sampling steps here
         self.last_features = None
 
-    def __call__(self, x, sigma, cond=None):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         s = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
         c_skip = SIGMA_DATA**2 / (s**2 + SIGMA_DATA**2)
         c_out = s * SIGMA_DATA / torch.sqrt(s**2 + SIGMA_DATA**2)
@@ -94,7 +96,7 @@ class ToyDenoiser(Denoiser):
         self.last_features = self.net.bottleneck.mean(1).flatten(1)
         return (c_skip * x32 + c_out * f).to(x.dtype)
 
-    def to(self, device=None, dtype=None):
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ToyDenoiser:
         self.device = torch.device(device) if device is not None else self.device
         self.net.to(device=self.device)
         self.dtype = dtype or self.dtype

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -36,15 +36,15 @@ class SolverInfo:
 
     def solve(
         self,
-        model,
+        model: Any,
         x: torch.Tensor,
         sigmas: torch.Tensor,
         *,
-        cond=None,
+        cond: torch.Tensor | None = None,
         afs: bool = False,
         callback: Optional[Callback] = None,
         on_step: Optional[Callable] = None,
-        **options,
+        **options: Any,
     ) -> torch.Tensor:
         """Integrate x over the grid `sigmas` (the teacher calls this directly; samplers go through a Plan).
         `on_step` is the stepping core's training hook (multistep solvers only)."""
@@ -55,7 +55,7 @@ class SolverInfo:
             raise TypeError(f"{self.name} has its own loop: no on_step hook")
         return self.run(model, x, sigmas, cond=cond, afs=afs, callback=callback)
 
-    def make_table(self, sigmas: torch.Tensor, **options) -> Table:
+    def make_table(self, sigmas: torch.Tensor, **options: Any) -> Table:
         """Coefficients depend only on the grid: built once per grid and options, not per batch."""
         kept = tuple(sorted((k, v) for k, v in options.items() if k in self.options))
         return _cached_table(self.name, tuple(float(s) for s in sigmas), kept)
@@ -133,16 +133,9 @@ register(SolverInfo("deis", 3, 1, "time_uniform:2", "DEIS tAB-3 (polynomial in V
 
 def load_plugins() -> None:
     """Solvers other packages publish in the entry-point group `solverdistill.solvers` (each a `SolverInfo`)."""
-    from importlib.metadata import entry_points
+    from ..plugins import load_entry_points
 
-    for ep in entry_points(group="solverdistill.solvers"):
-        if ep.name not in SOLVERS:
-            try:
-                register(ep.load())
-            except Exception as e:  # a broken plugin must not break the built-in solvers
-                import warnings
-
-                warnings.warn(f"solver plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
+    load_entry_points("solverdistill.solvers", SOLVERS, lambda name, info, where: register(info))
 
 
 def get(name: str) -> SolverInfo:
@@ -176,7 +169,9 @@ class Plan:
     def network_passes(self) -> int:
         return self.nfe * self.passes_per_call
 
-    def solve(self, model, x: torch.Tensor, cond=None, callback: Optional[Callback] = None) -> torch.Tensor:
+    def solve(
+        self, model: Any, x: torch.Tensor, cond: torch.Tensor | None = None, callback: Optional[Callback] = None
+    ) -> torch.Tensor:
         return self.info.solve(model, x, self.sigmas, cond=cond, afs=self.afs, callback=callback, **self.options)
 
     def describe(self) -> dict:
@@ -190,7 +185,7 @@ class Plan:
         }
 
 
-def plan(solver: str, nfe: int, model, schedule: str | None = None, afs: bool = False, **options) -> Plan:
+def plan(solver: str, nfe: int, model: Any, schedule: str | None = None, afs: bool = False, **options: Any) -> Plan:
     """Solver `solver` at `nfe` denoiser calls on `model`'s sigma range: its default grid unless `schedule`."""
     info = get(solver)
     steps = info.steps_for(nfe, afs)
@@ -205,7 +200,7 @@ def plan(solver: str, nfe: int, model, schedule: str | None = None, afs: bool = 
     )
 
 
-def sweep(nfe: int, model) -> dict[str, Plan]:
+def sweep(nfe: int, model: Any) -> dict[str, Plan]:
     """Every handcrafted solver on its default grid, with and without AFS, that can run at this NFE: the
     baselines a student is measured against, keyed `name` or `name+afs`."""
     out = {}

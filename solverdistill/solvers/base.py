@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -48,7 +48,9 @@ class Solver(Protocol):
 
     def describe(self) -> dict: ...
 
-    def solve(self, model, x: torch.Tensor, cond=None, callback: Optional[Callback] = None) -> torch.Tensor: ...
+    def solve(
+        self, model: Any, x: torch.Tensor, cond: torch.Tensor | None = None, callback: Optional[Callback] = None
+    ) -> torch.Tensor: ...
 
 
 def per_sample(v: Sigma, x: torch.Tensor) -> Sigma:
@@ -58,7 +60,7 @@ def per_sample(v: Sigma, x: torch.Tensor) -> Sigma:
     return v
 
 
-def call(model, x: torch.Tensor, sigma: Sigma, cond=None) -> torch.Tensor:
+def call(model: Any, x: torch.Tensor, sigma: Sigma, cond: torch.Tensor | None = None) -> torch.Tensor:
     """One denoiser call; the model seam wants sigma as a tensor of shape [B] (docs/conventions.md)."""
     if isinstance(sigma, torch.Tensor):
         return model(x, sigma.to(x.dtype), cond)
@@ -71,7 +73,7 @@ def afs_denoised(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x - sigma * x / math.sqrt(1.0 + sigma * sigma)
 
 
-def denoise(model, x: torch.Tensor, sigma: float, cond, afs_now: bool) -> torch.Tensor:
+def denoise(model: Any, x: torch.Tensor, sigma: float, cond: torch.Tensor | None, afs_now: bool) -> torch.Tensor:
     """The denoiser output at (x, sigma): the AFS estimate on an analytical first step, else a real call."""
     return afs_denoised(x, sigma) if afs_now else call(model, x, sigma, cond)
 

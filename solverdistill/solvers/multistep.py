@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class CoefficientSource:
 class TableSource(CoefficientSource):
     """A fixed table on a fixed grid: the handcrafted solvers."""
 
-    def __init__(self, table: Table, sigmas: torch.Tensor):
+    def __init__(self, table: Table, sigmas: torch.Tensor) -> None:
         self.s = sigmas.tolist()
         self.steps, self.history = table.b.shape
         # Plain Python floats: numpy scalars times torch tensors would take the slow (or wrong) path.
@@ -106,7 +106,9 @@ class TableSource(CoefficientSource):
         return self.e[i]
 
 
-def combine(weights: Sequence[Sigma], history: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None):
+def combine(
+    weights: Sequence[Sigma], history: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None
+) -> Optional[torch.Tensor]:
     """out (+)= sum_j w_j h_j. Float weights accumulate in place (one allocation at most: this runs every step);
     per-sample weights broadcast over each sample."""
     for w, h in zip(weights, history):
@@ -119,11 +121,11 @@ def combine(weights: Sequence[Sigma], history: Sequence[torch.Tensor], out: Opti
 
 
 def run_multistep(
-    model,
+    model: Any,
     x: torch.Tensor,
     source: CoefficientSource,
     *,
-    cond=None,
+    cond: torch.Tensor | None = None,
     afs: bool = False,
     callback: Optional[Callback] = None,
     on_step: Optional[Callable[[int, Sigma, torch.Tensor], bool]] = None,

@@ -7,13 +7,22 @@ The grid ends at sigma_min, so every two-call step takes its second evaluation (
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from .base import call, denoise, report
+from .base import Callback, call, denoise, report
 
 
-def sample_heun(model, x, sigmas, *, cond=None, afs=False, callback=None):
+def sample_heun(
+    model: Any,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: torch.Tensor | None = None,
+    afs: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """Heun's 2nd-order method (EDM): Euler predictor, trapezoidal corrector."""
     s = sigmas.tolist()
     for i in range(len(s) - 1):
@@ -26,7 +35,15 @@ def sample_heun(model, x, sigmas, *, cond=None, afs=False, callback=None):
     return x
 
 
-def sample_dpm2(model, x, sigmas, *, cond=None, afs=False, callback=None):
+def sample_dpm2(
+    model: Any,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: torch.Tensor | None = None,
+    afs: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """DPM-Solver-2: a half step to the log-sigma midpoint, then the full step with the midpoint direction."""
     s = sigmas.tolist()
     for i in range(len(s) - 1):
@@ -41,14 +58,20 @@ def sample_dpm2(model, x, sigmas, *, cond=None, afs=False, callback=None):
 
 
 def rk4_logsigma(
-    model, x: torch.Tensor, sigma_max: float, sigma_min: float, steps: int = 1024, cond=None, callback=None
+    model: Any,
+    x: torch.Tensor,
+    sigma_max: float,
+    sigma_min: float,
+    steps: int = 1024,
+    cond: torch.Tensor | None = None,
+    callback: Callback | None = None,
 ) -> torch.Tensor:
     """Classic RK4 on dx/du = x - D(x, e^u), u = log sigma, `steps` equal steps (4 calls each). A one-step method
     keeps its full order from the first step (a multistep one starts at first order): error ~ steps^-4."""
     u0, u1 = math.log(sigma_max), math.log(sigma_min)
     h = (u1 - u0) / steps
 
-    def f(x, u):
+    def f(x: torch.Tensor, u: float) -> torch.Tensor:
         return x - call(model, x, math.exp(u), cond)
 
     for i in range(steps):
@@ -67,12 +90,14 @@ class RK4Reference:
 
     afs = False
 
-    def __init__(self, model, steps: int = 256):
+    def __init__(self, model: Any, steps: int = 256) -> None:
         self.sigma_max, self.sigma_min, self.steps = float(model.sigma_max), float(model.sigma_min), steps
         self.nfe = 4 * steps
         self.network_passes = self.nfe * int(getattr(model, "passes_per_call", 1))
 
-    def solve(self, model, x, cond=None, callback=None):
+    def solve(
+        self, model: Any, x: torch.Tensor, cond: torch.Tensor | None = None, callback: Callback | None = None
+    ) -> torch.Tensor:
         return rk4_logsigma(model, x, self.sigma_max, self.sigma_min, self.steps, cond=cond, callback=callback)
 
     def describe(self) -> dict:

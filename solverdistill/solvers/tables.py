@@ -6,6 +6,7 @@ Each builder reads a grid and returns the `Table` of the update in `multistep.py
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from .multistep import Table
 ADAMS_BASHFORTH = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
 
-def _steps(sigmas) -> np.ndarray:
+def _steps(sigmas: torch.Tensor | Sequence[float]) -> np.ndarray:
     return np.asarray(sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas, dtype=np.float64)
 
 
@@ -26,7 +27,7 @@ def _order(i: int, n: int, max_order: int, lower_order_final: bool) -> int:
     return min(max_order, i + 1, n - i) if lower_order_final else min(max_order, i + 1)
 
 
-def euler_table(sigmas) -> Table:
+def euler_table(sigmas: torch.Tensor | Sequence[float]) -> Table:
     """x' = x + (s' - s) d."""
     s = _steps(sigmas)
     t = Table.empty(len(s) - 1, 1)
@@ -35,7 +36,7 @@ def euler_table(sigmas) -> Table:
     return t
 
 
-def dpmpp_table(sigmas, max_order: int = 3, lower_order_final: bool = True) -> Table:
+def dpmpp_table(sigmas: torch.Tensor | Sequence[float], max_order: int = 3, lower_order_final: bool = True) -> Table:
     """DPM-Solver++(2M/3M), data prediction, with phi1 = expm1(-h) (Lu et al. 2022; docs/solvers.md)."""
     s = _steps(sigmas)
     lam = -np.log(s)
@@ -63,7 +64,7 @@ def dpmpp_table(sigmas, max_order: int = 3, lower_order_final: bool = True) -> T
     return t
 
 
-def unipc_table(sigmas, max_order: int = 3, lower_order_final: bool = True) -> Table:
+def unipc_table(sigmas: torch.Tensor | Sequence[float], max_order: int = 3, lower_order_final: bool = True) -> Table:
     """UniPC with B(h) = expm1(-h) ("bh2"), data prediction. Step i predicts x_{i+1} with UniP-p from p past
     outputs; the evaluation at x_{i+1} then corrects it (UniC-p) before step i+1 uses it. No corrector after
     the last step, so NFE = steps."""
@@ -114,7 +115,7 @@ def unipc_table(sigmas, max_order: int = 3, lower_order_final: bool = True) -> T
     return t
 
 
-def ipndm_table(sigmas, max_order: int = 4) -> Table:
+def ipndm_table(sigmas: torch.Tensor | Sequence[float], max_order: int = 4) -> Table:
     """iPNDM: Adams-Bashforth on d with the fixed equal-step coefficients, warm-up orders 1, 2, 3."""
     s = _steps(sigmas)
     n = len(s) - 1
@@ -126,7 +127,7 @@ def ipndm_table(sigmas, max_order: int = 4) -> Table:
     return t
 
 
-def deis_table(sigmas, max_order: int = 3, quad_points: int = 64) -> Table:
+def deis_table(sigmas: torch.Tensor | Sequence[float], max_order: int = 3, quad_points: int = 64) -> Table:
     """DEIS tAB: extrapolate d as a polynomial in the VP time tau through the last `order` nodes and
     integrate dsigma/dtau times it over the step. By parts, C_j = [sigma L_j] - int sigma L_j' dtau, which keeps
     the quadrature smooth near tau_min (sigma ~ sqrt(tau) there) and makes order 1 exactly Euler."""

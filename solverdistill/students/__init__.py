@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from ..artifacts import Artifact
 from ..errors import BadInput
 from ..recipes import build_section
 from ..solvers.base import Solver
+
+if TYPE_CHECKING:
+    from ..models.base import Denoiser
+    from ..teacher.cache import TeacherCache
 
 
 @dataclass
@@ -25,11 +29,18 @@ class TrainSection:
 
 
 class Fit(Protocol):
-    def __call__(self, cache, model, student: Any, train: Any, progress: Optional[Callable] = None) -> Artifact: ...
+    def __call__(
+        self,
+        cache: TeacherCache,
+        model: Denoiser,
+        student: Any,
+        train: Any,
+        progress: Optional[Callable] = None,
+    ) -> Artifact: ...
 
 
 class Load(Protocol):
-    def __call__(self, artifact: Artifact, model) -> Solver: ...
+    def __call__(self, artifact: Artifact, model: Denoiser) -> Solver: ...
 
 
 @dataclass
@@ -75,21 +86,10 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    from importlib.metadata import entry_points
-
+    from ..plugins import load_entry_points
     from . import dlms, dode, sfd  # noqa: F401  (each registers itself)
 
-    for ep in entry_points(group="solverdistill.students"):
-        if ep.name in METHODS:
-            continue
-        try:
-            method = ep.load()
-        except Exception as e:  # a broken third-party plugin must not break the built-in methods
-            import warnings
-
-            warnings.warn(f"student plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
-            continue
-        register(method)
+    load_entry_points("solverdistill.students", METHODS, lambda name, method, where: register(method))
 
 
 def names() -> list[str]:
@@ -107,7 +107,7 @@ def get(name: str) -> Method:
     return METHODS[name]
 
 
-def stored_settings(artifact: Artifact, cls: type):
+def stored_settings(artifact: Artifact, cls: type) -> Any:
     """The student settings an artifact stores in `meta.student`, validated like a recipe section."""
     raw = artifact.meta.get("student")
     if not isinstance(raw, dict):

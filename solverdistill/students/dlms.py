@@ -20,7 +20,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,9 +33,14 @@ from .. import grids
 from ..artifacts import Artifact, new_meta
 from ..errors import BadInput
 from ..evaluation import cache_endpoints, rmse
+from ..solvers.base import Callback
 from ..solvers.multistep import CoefficientSource, Weights, run_multistep
 from ..solvers.tables import ADAMS_BASHFORTH, dpmpp_table
 from . import Method, TrainSection, register, stored_settings
+
+if TYPE_CHECKING:
+    from ..models.base import Denoiser
+    from ..teacher.cache import TeacherCache
 
 FEATURES = 64
 
@@ -104,7 +111,7 @@ class NetworkDesigner(nn.Module):
     """~9k parameters: features -> Linear(64,128), SiLU, Linear(128,4), with embeddings of t and the step index;
     one zero-initialised head gives p-1 coefficient offsets, a time logit and a scale logit."""
 
-    def __init__(self, order: int):
+    def __init__(self, order: int) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(FEATURES, 128), nn.SiLU(), nn.Linear(128, 4))
         self.t_embed = nn.Sequential(nn.Linear(8, 8), nn.SiLU())
@@ -113,7 +120,7 @@ class NetworkDesigner(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, feats, t, step):
+    def forward(self, feats: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         step_v = torch.full_like(t, float(step))
         h = torch.cat([self.body(feats), self.t_embed(sinusoidal(torch.log(t))), self.n_embed(sinusoidal(step_v))], 1)
         return self.head(h)
@@ -122,11 +129,11 @@ class NetworkDesigner(nn.Module):
 class GlobalDesigner(nn.Module):
     """No network: per-step parameters shared by every sample (a sample-independent grid)."""
 
-    def __init__(self, order: int, steps: int):
+    def __init__(self, order: int, steps: int) -> None:
         super().__init__()
         self.table = nn.Parameter(torch.zeros(steps, order + 1))
 
-    def forward(self, feats, t, step):
+    def forward(self, feats: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         return self.table[step].expand(t.shape[0], -1)
 
 
@@ -135,7 +142,7 @@ def initial_grid(cfg: DLMSStudent, sigma_min: float, sigma_max: float) -> torch.
 
 
 class DLMS(nn.Module):
-    def __init__(self, cfg: DLMSStudent, grid: torch.Tensor):
+    def __init__(self, cfg: DLMSStudent, grid: torch.Tensor) -> None:
         super().__init__()
         self.cfg = cfg
         steps = len(grid) - 1
@@ -168,7 +175,7 @@ class DLMS(nn.Module):
     def afs(self) -> bool:
         return self.cfg.afs
 
-    def features(self, model, denoised, called: bool = True):
+    def features(self, model: Any, denoised: torch.Tensor, called: bool = True) -> torch.Tensor:
         """Designer input. `called` is False on the AFS step: no network ran, so a backend's bottleneck hook
         would hold another batch's activations; the pooled AFS estimate is used there."""
         if called and self.cfg.features in ("auto", "bottleneck"):
@@ -179,7 +186,7 @@ class DLMS(nn.Module):
                 raise BadInput("student.features: bottleneck asked for, but this model exposes no bottleneck")
         return pooled(denoised.detach())
 
-    def rule(self, raw, t, step):
+    def rule(self, raw: torch.Tensor, t: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The designer's raw outputs -> (coefficients [B, p], next time [B], next scale [B])."""
         p, dt = self.order, t.dtype
         offsets = raw[:, : p - 1] * self.mask[step, 1:].to(dt)
@@ -198,17 +205,26 @@ class DLMS(nn.Module):
             k_next = torch.ones_like(t)
         return coefs, t_next, k_next
 
-    def solve(self, model, x, cond=None, callback=None):
+    def solve(
+        self, model: Any, x: torch.Tensor, cond: torch.Tensor | None = None, callback: Callback | None = None
+    ) -> torch.Tensor:
         """Sample: the stepping core fed by this student's rule. Returns x at t_min; the callback sees each
         sample's own times."""
         return run_multistep(model, x, Rule(self, model, x), cond=cond, afs=self.cfg.afs, callback=callback)
 
-    def train_pass(self, model, x, cond, step_loss, window: int = 0) -> float:
+    def train_pass(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        cond: torch.Tensor | None,
+        step_loss: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None],
+        window: int = 0,
+    ) -> float:
         """One training trajectory: `step_loss(n, t_n, x_n)` (a scalar or None) after each step, backward once
         per window of `window` steps (0: the whole trajectory), the graph cut between windows. Returns the loss."""
         pending, total = None, 0.0
 
-        def on_step(n, t_next, x_next) -> bool:
+        def on_step(n: int, t_next: torch.Tensor, x_next: torch.Tensor) -> bool:
             nonlocal pending, total
             term = step_loss(n, t_next, x_next)
             if term is not None:
@@ -240,7 +256,7 @@ class Rule(CoefficientSource):
     """DLMS as a coefficient source for one batch: each sample's time t and time scale k, advanced by the
     designer after every denoiser output."""
 
-    def __init__(self, student: DLMS, model, x: torch.Tensor):
+    def __init__(self, student: DLMS, model: Any, x: torch.Tensor) -> None:
         self.student, self.model = student, model
         self.steps, self.history = student.steps, student.order
         self.t = torch.full((x.shape[0],), float(student.init_grid[0]), dtype=x.dtype, device=x.device)
@@ -267,7 +283,9 @@ class Rule(CoefficientSource):
         self.t, self.k = self.t.detach(), self.k.detach()
 
 
-def _loss_fn(cache, idx, s: DLMSStudent, t: DLMSTrain, steps: int):
+def _loss_fn(
+    cache: TeacherCache, idx: np.ndarray, s: DLMSStudent, t: DLMSTrain, steps: int
+) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None]:
     weights = np.zeros(steps)
     if t.loss in ("trajectory", "both"):
         weights[:] = 1.0
@@ -277,7 +295,7 @@ def _loss_fn(cache, idx, s: DLMSStudent, t: DLMSTrain, steps: int):
         raise BadInput("train.final_weight: must be > 0 with train.loss: endpoint (nothing would be trained)")
     weights /= weights.sum()
 
-    def step_loss(n, sigma, x):
+    def step_loss(n: int, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
         if weights[n] == 0:
             return None
         if not bool(torch.isfinite(sigma).all()):
@@ -301,7 +319,15 @@ class Run:
 
 
 def train_once(
-    student: DLMS, model, cache, train_idx, val_idx, s: DLMSStudent, t: DLMSTrain, seed: int, progress=None
+    student: DLMS,
+    model: Denoiser,
+    cache: TeacherCache,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    s: DLMSStudent,
+    t: DLMSTrain,
+    seed: int,
+    progress: Callable[..., Any] | None = None,
 ) -> Run:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -309,7 +335,7 @@ def train_once(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(t.iterations, 1)) if t.lr_decay == "cosine" else None
     target_end = cache.endpoints(val_idx)
 
-    def evaluate():
+    def evaluate() -> float:
         return rmse(cache_endpoints(student, model, cache, val_idx), target_end)
 
     history = [(0, evaluate())]
@@ -342,7 +368,9 @@ def train_once(
     return Run(best, best_state, history, skipped, it)
 
 
-def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
+def fit(
+    cache: TeacherCache, model: Denoiser, s: DLMSStudent, t: DLMSTrain, progress: Callable[..., Any] | None = None
+) -> Artifact:
     began = time.time()
     if s.order > 4 and s.init == "plms":
         raise BadInput(f"student.order: plms init has coefficients up to order 4, got {s.order}")
@@ -386,7 +414,7 @@ def fit(cache, model, s: DLMSStudent, t: DLMSTrain, progress=None) -> Artifact:
     return Artifact(meta, arrays)
 
 
-def load(artifact: Artifact, model) -> DLMS:
+def load(artifact: Artifact, model: Denoiser) -> DLMS:
     cfg = stored_settings(artifact, DLMSStudent)
     grid = artifact.array("init_grid", ndim=1)
     steps = cfg.nfe + (1 if cfg.afs else 0)

@@ -10,7 +10,9 @@ that sigma, summed in float64 over all elements of all fitting samples. Then lam
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,7 +21,12 @@ from ..artifacts import Artifact, new_meta
 from ..errors import BadInput
 from ..solvers import Plan, plan
 from ..solvers import get as get_solver
+from ..solvers.base import Callback
 from . import Method, TrainSection, register
+
+if TYPE_CHECKING:
+    from ..models.base import Denoiser
+    from ..teacher.cache import TeacherCache
 
 
 @dataclass
@@ -41,18 +48,18 @@ class DODETrain(TrainSection):
 class Landed(Exception):
     """Raised when the call after the one being fitted is about to run: carries the state it would see."""
 
-    def __init__(self, x, sigma):
+    def __init__(self, x: torch.Tensor, sigma: torch.Tensor) -> None:
         self.x, self.sigma = x, sigma
 
 
 class Extrapolated:
     """The D-ODE denoiser: D~_k = D_k + lam_k (D_k - D_{k-1}) on the k-th real call."""
 
-    def __init__(self, model, lams, stop_at: int | None = None):
+    def __init__(self, model: Any, lams: Sequence[float], stop_at: int | None = None) -> None:
         self.model, self.lams, self.stop_at = model, lams, stop_at
         self.prev, self.k = None, 0
 
-    def __call__(self, x, sigma, cond=None):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if self.k == self.stop_at:
             raise Landed(x, sigma)
         out = self.model(x, sigma, cond)
@@ -61,14 +68,14 @@ class Extrapolated:
         self.prev, self.k = out, self.k + 1
         return corrected
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
 
 class DODESolver:
     """The base solver run on the extrapolated denoiser: a `Solver`."""
 
-    def __init__(self, base: Plan, lams):
+    def __init__(self, base: Plan, lams: Iterable[float]) -> None:
         self.base, self.lams = base, [float(v) for v in lams]
         self.nfe, self.afs = base.nfe, base.afs
 
@@ -76,14 +83,18 @@ class DODESolver:
     def network_passes(self) -> int:
         return self.base.network_passes
 
-    def solve(self, model, x, cond=None, callback=None):
+    def solve(
+        self, model: Any, x: torch.Tensor, cond: torch.Tensor | None = None, callback: Callback | None = None
+    ) -> torch.Tensor:
         return self.base.solve(Extrapolated(model, self.lams), x, cond, callback)
 
     def describe(self) -> dict:
         return {**self.base.describe(), "solver": f"dode[{self.base.info.name}]", "lambdas": self.lams}
 
 
-def landing(base: Plan, model, x, lams, k, cond=None):
+def landing(
+    base: Plan, model: Any, x: torch.Tensor, lams: Sequence[float], k: int, cond: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The state the call after call k sees (and its sigma), or the final state at sigma_min."""
     try:
         out = base.solve(Extrapolated(model, lams, stop_at=k + 1), x, cond)
@@ -92,7 +103,9 @@ def landing(base: Plan, model, x, lams, k, cond=None):
         return hit.x, hit.sigma.to(torch.float64)
 
 
-def closed_form(base, model, cache, batches, fixed: list[float], k: int) -> float:
+def closed_form(
+    base: Plan, model: Any, cache: TeacherCache, batches: Iterable[np.ndarray], fixed: list[float], k: int
+) -> float:
     """lam_k = <e, r> / <e, e> over all fitting samples, with lams before k fixed (float64 sums)."""
     er = ee = 0.0
     for idx in batches:
@@ -107,14 +120,16 @@ def closed_form(base, model, cache, batches, fixed: list[float], k: int) -> floa
     return er / ee if ee > 0 else 0.0
 
 
-def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
+def fit(
+    cache: TeacherCache, model: Denoiser, s: DODEStudent, t: DODETrain, progress: Callable[..., Any] | None = None
+) -> Artifact:
     began = time.time()
     base = plan(s.base, s.nfe, model, s.schedule or None, s.afs, lower_order_final=s.lower_order_final)
     train_idx, _ = cache.split(t.samples, t.heldout)
     batches = [train_idx[b : b + t.batch] for b in range(0, len(train_idx), t.batch)]
     final = [cache.endpoints(idx) for idx in batches]
 
-    def endpoint_error(lams):
+    def endpoint_error(lams: Sequence[float]) -> float:
         return sum(
             float((base.solve(Extrapolated(model, lams), *cache.start(idx, model)).double().cpu() - f).pow(2).sum())
             for idx, f in zip(batches, final)
@@ -150,7 +165,7 @@ def fit(cache, model, s: DODEStudent, t: DODETrain, progress=None) -> Artifact:
     return Artifact(meta, {"lambdas": np.array(lams), "grid": base.sigmas.numpy()})
 
 
-def load(artifact: Artifact, model) -> DODESolver:
+def load(artifact: Artifact, model: Denoiser) -> DODESolver:
     meta = artifact.meta
     nfe = int(meta["nfe"])
     lams = artifact.array("lambdas", shape=(nfe,))

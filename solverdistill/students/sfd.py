@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,7 +26,12 @@ from ..artifacts import Artifact, new_meta
 from ..errors import BadInput
 from ..solvers import Plan
 from ..solvers import get as get_solver
+from ..solvers.base import Callback
 from . import Method, TrainSection, register, stored_settings
+
+if TYPE_CHECKING:
+    from ..models.base import Denoiser
+    from ..teacher.cache import TeacherCache
 
 
 @dataclass
@@ -48,7 +55,7 @@ class SFDTrain(TrainSection):
     seed: int = 0
 
 
-def student_grid(s: SFDStudent, model, nfe: int) -> torch.Tensor:
+def student_grid(s: SFDStudent, model: Denoiser, nfe: int) -> torch.Tensor:
     lo, hi = max(s.sigma_min, model.sigma_min), min(s.sigma_max, model.sigma_max)
     return grids.polynomial(nfe + (1 if s.afs else 0), lo, hi, s.rho)
 
@@ -70,7 +77,7 @@ def euler_plan(s: SFDStudent, grid: torch.Tensor, nfe: int, passes_per_call: int
     return Plan(get_solver("euler"), nfe, s.afs, grid, {}, passes_per_call)
 
 
-def set_step(den, steps: int | None) -> None:
+def set_step(den: Denoiser, steps: int | None) -> None:
     """The step condition SFD-v feeds the network (on a wrapped user object too)."""
     for target in (den, getattr(den, "obj", None)):
         if target is not None:
@@ -80,7 +87,9 @@ def set_step(den, steps: int | None) -> None:
 class SFDSolver:
     """Euler (+ AFS) on the stored grid with the fine-tuned network; counts calls on the caller's counter."""
 
-    def __init__(self, den, settings: SFDStudent, grid: torch.Tensor, nfe: int, step_condition: int | None):
+    def __init__(
+        self, den: Denoiser, settings: SFDStudent, grid: torch.Tensor, nfe: int, step_condition: int | None
+    ) -> None:
         self.den, self.settings, self.step_condition = den, settings, step_condition
         self.plan = euler_plan(settings, grid, nfe, int(den.passes_per_call))
         self.nfe, self.afs = nfe, settings.afs
@@ -95,7 +104,9 @@ class SFDSolver:
             raise BadInput(f"an SFD student is tuned for NFE {self.nfe}; only SFD-v (student.variable) takes another")
         return SFDSolver(self.den, self.settings, student_grid(self.settings, self.den, nfe), nfe, nfe)
 
-    def solve(self, model, x, cond=None, callback=None):
+    def solve(
+        self, model: Any, x: torch.Tensor, cond: torch.Tensor | None = None, callback: Callback | None = None
+    ) -> torch.Tensor:
         den = model.with_model(self.den) if hasattr(model, "with_model") else self.den
         set_step(self.den, self.step_condition)
         with torch.no_grad():
@@ -111,7 +122,9 @@ class SFDSolver:
         }
 
 
-def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
+def fit(
+    cache: TeacherCache, model: Denoiser, s: SFDStudent, t: SFDTrain, progress: Callable[..., Any] | None = None
+) -> Artifact:
     began = time.time()
     if model.net is None or not isinstance(model.net, torch.nn.Module):
         raise BadInput(f"student.method: sfd fine-tunes a network, and {model.spec} has none")
@@ -138,7 +151,7 @@ def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
         targets = cache.states_at(idx, grid[1:].numpy(), dtype=x.dtype, device=x.device)
         total = 0.0
 
-        def train_step(k, sigma_next, out, targets=targets) -> bool:
+        def train_step(k: int, sigma_next: float, out: torch.Tensor, targets: torch.Tensor = targets) -> bool:
             """After student step k: L1 to the teacher, one Adam step; always cut the graph (the next step
             starts from the student's own detached state)."""
             nonlocal total, cleaned
@@ -190,7 +203,7 @@ def fit(cache, model, s: SFDStudent, t: SFDTrain, progress=None) -> Artifact:
     return Artifact(meta, arrays)
 
 
-def load(artifact: Artifact, model) -> SFDSolver:
+def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
     s = stored_settings(artifact, SFDStudent)
     if model is None or model.net is None:
         raise BadInput(f"{artifact.path}: an SFD artifact needs its model ({artifact.meta.get('model')})")

@@ -19,10 +19,13 @@ import json
 import os
 import shutil
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike, DTypeLike
 
 from ..errors import BadInput
 
@@ -56,7 +59,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 class StreamedArray:
     """An .npy file written front to back (header first, then rows), hashed as it goes."""
 
-    def __init__(self, path: Path, shape: tuple, dtype):
+    def __init__(self, path: Path, shape: tuple, dtype: DTypeLike) -> None:
         self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
         self.file = open(path, "wb")
         self.crc = 0
@@ -67,7 +70,7 @@ class StreamedArray:
         self._put(header.getvalue())
         self.rows = 0
 
-    def _put(self, data) -> None:
+    def _put(self, data: bytes | memoryview) -> None:
         self.file.write(data)
         self.crc = zlib.crc32(data, self.crc)
 
@@ -91,7 +94,7 @@ def crc32_file(path: Path) -> str:
     return f"{crc:08x}"
 
 
-def shard_shapes(n: int, steps: int, shape, cond_shape=None) -> dict[str, tuple]:
+def shard_shapes(n: int, steps: int, shape: Sequence[int], cond_shape: Sequence[int] | None = None) -> dict[str, tuple]:
     shapes = {
         "seeds": (n,),
         "noise": (n, *shape),
@@ -108,8 +111,17 @@ class ShardWriter:
     """Writes one shard under a temporary name; `finish` renames it and returns its manifest entry."""
 
     def __init__(
-        self, root: Path, name: str, start: int, count: int, steps: int, shape, dtype, sigmas, cond_shape=None
-    ):
+        self,
+        root: Path,
+        name: str,
+        start: int,
+        count: int,
+        steps: int,
+        shape: Sequence[int],
+        dtype: DTypeLike,
+        sigmas: ArrayLike,
+        cond_shape: Sequence[int] | None = None,
+    ) -> None:
         self.root, self.name, self.start, self.count = root, name, start, count
         self.tmp = root / (name + ".tmp")
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -128,7 +140,14 @@ class ShardWriter:
         }
         self.files["sigmas"].write(np.asarray(sigmas, dtype=np.float64))
 
-    def append(self, seeds, noise, x, denoised, cond=None) -> None:
+    def append(
+        self,
+        seeds: np.ndarray,
+        noise: np.ndarray,
+        x: np.ndarray,
+        denoised: np.ndarray,
+        cond: np.ndarray | None = None,
+    ) -> None:
         for key, rows in (("seeds", seeds), ("noise", noise), ("x", x), ("denoised", denoised), ("cond", cond)):
             if key in self.files:
                 self.files[key].write(rows)
@@ -155,7 +174,9 @@ class ShardWriter:
         }
 
 
-def check_shard_files(root: Path, entry: dict, steps: int, shape, cond_shape=None) -> str | None:
+def check_shard_files(
+    root: Path, entry: dict, steps: int, shape: Sequence[int], cond_shape: Sequence[int] | None = None
+) -> str | None:
     """Cheap check before trusting a finished shard: files present, sizes and shapes as recorded."""
     folder = root / entry["name"]
     for key, want in shard_shapes(entry["count"], steps, shape, cond_shape).items():
@@ -175,7 +196,7 @@ def check_shard_files(root: Path, entry: dict, steps: int, shape, cond_shape=Non
 class TeacherCache:
     """Read side: memory-mapped shards, batches by sample index, states at any sigma (docs/teacher-cache.md)."""
 
-    def __init__(self, root: Path, manifest: dict):
+    def __init__(self, root: Path, manifest: dict) -> None:
         self.root, self.manifest = Path(root), manifest
         self.spec = manifest["spec"]
         self.sigmas = np.asarray(self.spec["grid"], dtype=np.float64)
@@ -194,7 +215,7 @@ class TeacherCache:
         self._maps: dict[str, dict] = {}
 
     @classmethod
-    def open(cls, path) -> TeacherCache:
+    def open(cls, path: str | os.PathLike) -> TeacherCache:
         root = Path(path)
         manifest = read_manifest(root)
         if manifest is None:
@@ -211,7 +232,7 @@ class TeacherCache:
             maps[key] = np.load(self.root / shard["name"] / f"{key}.npy", mmap_mode="r", allow_pickle=False)
         return maps[key]
 
-    def get(self, key: str, indices) -> np.ndarray:
+    def get(self, key: str, indices: np.ndarray | Sequence[int]) -> np.ndarray:
         """Rows of one field (`seeds`, `noise`, `x`, `denoised`) for sample indices, in the order given."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
@@ -226,11 +247,11 @@ class TeacherCache:
             out[sel] = rows
         return out
 
-    def cond(self, indices) -> torch.Tensor | None:
+    def cond(self, indices: np.ndarray | Sequence[int]) -> torch.Tensor | None:
         """The conditioning of these samples (class labels, prompt indices), or None for unconditional caches."""
         return None if self.cond_shape is None else torch.from_numpy(self.get("cond", indices))
 
-    def get_points(self, key: str, indices, cols) -> np.ndarray:
+    def get_points(self, key: str, indices: np.ndarray | Sequence[int], cols: ArrayLike) -> np.ndarray:
         """`key` rows at per-sample grid positions: out[b, c] = field[indices[b], cols[b, c]] (reads only those)."""
         idx = np.asarray(indices, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
@@ -244,7 +265,13 @@ class TeacherCache:
             out[sel] = self._field(self.shards[k], key)[local[:, None], cols[sel]]
         return out
 
-    def states_at(self, indices, sigmas, dtype=torch.float32, device=None) -> torch.Tensor:
+    def states_at(
+        self,
+        indices: np.ndarray | Sequence[int],
+        sigmas: torch.Tensor | ArrayLike,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
         """States x(sigma) of the given samples: exact copies on grid points, cubic Hermite in log sigma between
         them with slopes dx/dlog(sigma) = x - D. `sigmas` is [T'] (shared) or [n, T'] (one grid per sample),
         an array or a tensor; a tensor that requires grad gets gradients (a learned grid needs them).
@@ -297,13 +324,13 @@ class TeacherCache:
             )
         return np.arange(samples), np.arange(n - heldout, n)
 
-    def start(self, indices, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def start(self, indices: np.ndarray | Sequence[int], model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """sigma_max * z for these samples (on the model's device and dtype) and their conditioning."""
         z = torch.from_numpy(self.get("noise", indices)).to(device=model.device, dtype=model.dtype)
         cond = self.cond(indices)
         return z * float(self.sigmas[0]), None if cond is None else cond.to(model.device)
 
-    def endpoints(self, indices) -> torch.Tensor:
+    def endpoints(self, indices: np.ndarray | Sequence[int]) -> torch.Tensor:
         """The teacher's final states of these samples, float64 (reads only that column)."""
         cols = np.full((len(indices), 1), self.steps)
         return torch.from_numpy(self.get_points("x", indices, cols)[:, 0])

@@ -10,8 +10,10 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from ..grids import make_grid
 from ..models import resolve
 from ..recipes import Recipe
 from ..solvers import get as get_solver
-from ..solvers.base import call
+from ..solvers.base import Step, call
 from .cache import (
     FORMAT,
     FORMAT_VERSION,
@@ -35,10 +37,13 @@ from .cache import (
     write_json_atomic,
 )
 
+if TYPE_CHECKING:
+    from ..models.base import Denoiser
+
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def teacher_spec(recipe: Recipe, model) -> dict:
+def teacher_spec(recipe: Recipe, model: Denoiser) -> dict:
     t = recipe.teacher
     info = get_solver(t.solver)
     grid = make_grid(t.schedule, t.steps, model.sigma_min, model.sigma_max)
@@ -57,17 +62,19 @@ def teacher_spec(recipe: Recipe, model) -> dict:
     }
 
 
-def draw_cond(model, seeds):
+def draw_cond(model: Any, seeds: Sequence[int]) -> torch.Tensor | None:
     """Per-seed conditioning from the backend (class labels, prompt indices), or None."""
     fn = getattr(model, "draw_cond", None)
     return fn(seeds) if callable(fn) else None
 
 
-def integrate_batch(model, solver: str, grid: torch.Tensor, z: torch.Tensor, cond=None):
+def integrate_batch(
+    model: Any, solver: str, grid: torch.Tensor, z: torch.Tensor, cond: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """States and denoiser outputs at every grid point, the last one included (one extra call at sigma_min)."""
     xs, ds = [], []
 
-    def keep(step):
+    def keep(step: Step) -> None:
         xs.append(step.x)
         ds.append(step.denoised)
 
@@ -81,13 +88,13 @@ def integrate_batch(model, solver: str, grid: torch.Tensor, z: torch.Tensor, con
 class BackgroundWriter:
     """One thread that runs write jobs in order; errors surface on the main thread."""
 
-    def __init__(self, depth: int = 2):
+    def __init__(self, depth: int = 2) -> None:
         self.jobs: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
-    def _loop(self):
+    def _loop(self) -> None:
         while True:
             job = self.jobs.get()
             if job is None:
@@ -98,7 +105,7 @@ class BackgroundWriter:
                 except BaseException as e:  # reported by submit/close on the main thread
                     self.error = e
 
-    def submit(self, job) -> None:
+    def submit(self, job: Callable[[], Any]) -> None:
         if self.error:
             raise self.error
         self.jobs.put(job)
@@ -149,7 +156,7 @@ class TeacherJob:
         """Samples still to integrate."""
         return sum(count for _, _, count in self.todo)
 
-    def run(self, progress=None, write: bool = True) -> TeacherReport:
+    def run(self, progress: Callable[..., Any] | None = None, write: bool = True) -> TeacherReport:
         """Integrate what is missing (the recipe's teacher.precision for the network), writing shard by shard."""
         previous = self.model.precision
         self.model.set_precision(self.recipe.teacher.precision)
@@ -159,7 +166,7 @@ class TeacherJob:
             self.model.set_precision(previous)
 
 
-def prepare_teacher(recipe: Recipe, model=None, overwrite: bool = False) -> TeacherJob:
+def prepare_teacher(recipe: Recipe, model: Denoiser | None = None, overwrite: bool = False) -> TeacherJob:
     """Open (or create) the recipe's cache and plan the shards left to write. `model`: the recipe's model
     already resolved by the caller (else resolved here on teacher.device in teacher.compute_dtype)."""
     t = recipe.teacher
@@ -199,20 +206,24 @@ def prepare_teacher(recipe: Recipe, model=None, overwrite: bool = False) -> Teac
 
 
 def run_teacher(
-    recipe: Recipe, overwrite: bool = False, progress=None, write: bool = True, model=None
+    recipe: Recipe,
+    overwrite: bool = False,
+    progress: Callable[..., Any] | None = None,
+    write: bool = True,
+    model: Denoiser | None = None,
 ) -> TeacherReport:
     """`sdistill teacher`: fill the recipe's cache, resuming where a previous run stopped."""
     return prepare_teacher(recipe, model, overwrite).run(progress, write)
 
 
-def _integrate(job: TeacherJob, progress, write: bool) -> TeacherReport:
+def _integrate(job: TeacherJob, progress: Callable[..., Any] | None, write: bool) -> TeacherReport:
     t, model, spec, root, manifest = job.recipe.teacher, job.model, job.spec, job.root, job.manifest
     todo = job.todo
     grid = torch.tensor(spec["grid"], dtype=torch.float64)
     store = STORE_DTYPES[t.dtype]
     lock = threading.Lock()
 
-    def commit(entry):
+    def commit(entry: dict) -> None:
         with lock:
             manifest["shards"] = [s for s in manifest["shards"] if s["name"] != entry["name"]] + [entry]
             manifest["shards"].sort(key=lambda s: s["start"])
