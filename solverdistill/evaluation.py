@@ -4,6 +4,7 @@ The Frechet machinery itself (feature statistics, Inception) is in fid.py."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional
@@ -38,8 +39,9 @@ def reference_endpoints(
     batch: int = 250,
     progress: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
-    """Accurate endpoints: RK4 in log sigma, float64, from the same per-seed noise the samplers use."""
-    model = model.to(dtype=torch.float64)
+    """Accurate endpoints: RK4 in log sigma, float64, from the same per-seed noise the samplers use. Runs on a
+    float64 copy: the caller's model keeps its dtype."""
+    model = copy.deepcopy(model).to(dtype=torch.float64)
     return generate(model, RK4Reference(model, steps), seeds, batch=batch, progress=progress).x
 
 

@@ -2,20 +2,26 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+
+from solverdistill.models import resolve
 
 diffusers = pytest.importorskip("diffusers")
-
-from solverdistill.cli import app  # noqa: E402
 
 
 def compvis_unet(sd, nrb, levels, heads):
     """diffusers UNet2DModel weights -> openaimodel names (written from the original layout, not from our map)."""
     out = {}
-    res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    res = {
+        "norm1": "in_layers.0",
+        "conv1": "in_layers.2",
+        "time_emb_proj": "emb_layers.1",
+        "norm2": "out_layers.0",
+        "conv2": "out_layers.3",
+        "conv_shortcut": "skip_connection",
+    }
 
     def put_res(new, old):
         for a, b in res.items():
@@ -24,7 +30,10 @@ def compvis_unet(sd, nrb, levels, heads):
                     out[f"{old}.{b}.{p}"] = sd[f"{new}.{a}.{p}"]
 
     def put_attn(new, old, h):
-        out[f"{old}.norm.weight"], out[f"{old}.norm.bias"] = sd[f"{new}.group_norm.weight"], sd[f"{new}.group_norm.bias"]
+        out[f"{old}.norm.weight"], out[f"{old}.norm.bias"] = (
+            sd[f"{new}.group_norm.weight"],
+            sd[f"{new}.group_norm.bias"],
+        )
         q, k, v = (sd[f"{new}.{n}.weight"] for n in ("to_q", "to_k", "to_v"))
         c = q.shape[0]
         w = torch.stack([q.reshape(h, c // h, c), k.reshape(h, c // h, c), v.reshape(h, c // h, c)], 1)
@@ -34,8 +43,13 @@ def compvis_unet(sd, nrb, levels, heads):
         out[f"{old}.proj_out.weight"] = sd[f"{new}.to_out.0.weight"][..., None]
         out[f"{old}.proj_out.bias"] = sd[f"{new}.to_out.0.bias"]
 
-    for a, b in (("conv_in", "input_blocks.0.0"), ("time_embedding.linear_1", "time_embed.0"),
-                 ("time_embedding.linear_2", "time_embed.2"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")):
+    for a, b in (
+        ("conv_in", "input_blocks.0.0"),
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("conv_norm_out", "out.0"),
+        ("conv_out", "out.2"),
+    ):
         out[f"{b}.weight"], out[f"{b}.bias"] = sd[f"{a}.weight"], sd[f"{a}.bias"]
     i = 1
     for lvl in range(levels):
@@ -72,10 +86,16 @@ def compvis_vq(sd, levels):
         new = k
         new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)", r"encoder.down.\1.block.\2", new)
         new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv", r"encoder.down.\1.downsample.conv", new)
-        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
-                     lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.{m.group(2)}", new)
-        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv",
-                     lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.conv", new)
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
+            lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.{m.group(2)}",
+            new,
+        )
+        new = re.sub(
+            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv",
+            lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.conv",
+            new,
+        )
         new = new.replace("mid_block.resnets.0", "mid.block_1").replace("mid_block.resnets.1", "mid.block_2")
         new = new.replace("mid_block.attentions.0.group_norm", "mid.attn_1.norm")
         for a, b in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
@@ -87,44 +107,76 @@ def compvis_vq(sd, levels):
     return out
 
 
-def test_convert_round_trip(tmp_path):
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, cli):
+    """A tiny UNet and VQ model written as a CompVis checkpoint and converted back by `sdistill convert ldm`:
+    (unet, vq, output folder)."""
+    root = tmp_path_factory.mktemp("convert")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                                 layers_per_block=2, norm_num_groups=8, attention_head_dim=8, flip_sin_to_cos=True,
-                                 freq_shift=0, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-    vq = diffusers.VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 16),
-                           layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                           up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, num_vq_embeddings=32)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=2,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    vq = diffusers.VQModel(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        num_vq_embeddings=32,
+    )
     sd = {f"model.diffusion_model.{k}": v for k, v in compvis_unet(unet.state_dict(), 2, 2, heads=(2, 4)).items()}
     sd.update({f"first_stage_model.{k}": v for k, v in compvis_vq(vq.state_dict(), 2).items()})
-    torch.save({"state_dict": sd, "global_step": 1}, tmp_path / "model.ckpt")
-    r = CliRunner().invoke(app, ["convert", "ldm", str(tmp_path / "model.ckpt"), str(tmp_path / "out"),
-                                 "--num-head-channels", "8", "--sample-size", "8", "--norm-groups", "8"])
+    torch.save({"state_dict": sd, "global_step": 1}, root / "model.ckpt")
+    r = cli(
+        "convert",
+        "ldm",
+        root / "model.ckpt",
+        root / "out",
+        "--num-head-channels",
+        8,
+        "--sample-size",
+        8,
+        "--norm-groups",
+        8,
+    )
     assert r.exit_code == 0, r.output
-    u2 = diffusers.UNet2DModel.from_pretrained(tmp_path / "out" / "unet")
-    v2 = diffusers.VQModel.from_pretrained(tmp_path / "out" / "vqvae")
+    return unet, vq, root / "out"
+
+
+def test_convert_round_trip(converted):
+    unet, vq, out = converted
+    u2 = diffusers.UNet2DModel.from_pretrained(out / "unet")
+    v2 = diffusers.VQModel.from_pretrained(out / "vqvae")
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
     with torch.no_grad():
         assert torch.allclose(u2(x, t).sample, unet(x, t).sample, atol=1e-5)
         assert torch.allclose(v2.decode(x).sample, vq.decode(x).sample, atol=1e-5)
-    from solverdistill.models import resolve
-    d = resolve(f"diffusers:{tmp_path / 'out'}")
+    d = resolve(f"diffusers:{out}")
     assert d.latent_scale == 1.0 and d.sigma_max == pytest.approx(83.8, rel=1e-2)
 
 
-def test_convert_rejects_other_files(tmp_path):
+def test_convert_rejects_other_files(tmp_path, cli):
     torch.save({"state_dict": {"foo": torch.zeros(1)}}, tmp_path / "x.ckpt")
-    r = CliRunner().invoke(app, ["convert", "ldm", str(tmp_path / "x.ckpt"), str(tmp_path / "o")])
-    assert r.exit_code == 2 and "CompVis" in r.output
+    r = cli("convert", "ldm", tmp_path / "x.ckpt", tmp_path / "o")
+    assert r.exit_code == 2 and "CompVis" in r.output and not (tmp_path / "o" / "unet").exists()
 
 
-def test_converted_ldm_end_to_end(tmp_path):
-    from conftest import teacher_dode_sample
-    import numpy as np
-    test_convert_round_trip(tmp_path)
-    (tmp_path / "run").mkdir()
-    path = teacher_dode_sample(tmp_path / "run", f"diffusers:{tmp_path / 'out'}", steps=8, num_samples=8, batch=4,
-                               samples=4, heldout=3)
+def test_converted_ldm_end_to_end(converted, tmp_path, teacher_dode_sample):
+    _, _, out = converted
+    path = teacher_dode_sample(tmp_path, f"diffusers:{out}", steps=8, num_samples=8, batch=4, samples=4, heldout=3)
     with np.load(path) as f:
         assert f["x"].shape == (2, 3, 8, 8) and f["images"].shape == (2, 3, 16, 16)
+        assert np.isfinite(f["images"]).all()

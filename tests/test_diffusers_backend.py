@@ -1,47 +1,27 @@
-"""The diffusers backend on a tiny random UNet built from a config (no downloads)."""
+"""The diffusers backend on tiny random models built from configs (no downloads)."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+
+from solverdistill.errors import BadInput
+from solverdistill.models import resolve
+from solverdistill.solvers import plan
+from solverdistill.teacher import TeacherCache
 
 diffusers = pytest.importorskip("diffusers")  # the optional extra; `make test` installs it
 
-from solverdistill.cli import app  # noqa: E402
-from solverdistill.models import resolve  # noqa: E402
-from solverdistill.sampling import plan  # noqa: E402
 
-from conftest import teacher_dode_sample  # noqa: E402
-
-SCHED = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
-         "beta_start": 0.0001, "beta_end": 0.02, "prediction_type": "epsilon"}
-
-
-def tiny_unet():
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                                 layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddpm")
-    tiny_unet().save_pretrained(root)
-    (root / "scheduler_config.json").write_text(json.dumps(SCHED))
-    return root
-
-
-def test_euler_matches_diffusers_euler_discrete_with_karras_sigmas(model_dir):
-    d = resolve(f"diffusers:{model_dir}")
+def test_euler_matches_diffusers_euler_discrete_with_karras_sigmas(ddpm_dir, ddpm_scheduler):
+    d = resolve(f"diffusers:{ddpm_dir}")
     assert d.shape == (3, 16, 16)
     assert d.sigma_min == pytest.approx(0.0100, abs=1e-4) and d.sigma_max == pytest.approx(157.4, rel=1e-3)
     n = 8
-    sched = diffusers.EulerDiscreteScheduler.from_config(SCHED, use_karras_sigmas=True, final_sigmas_type="sigma_min",
-                                                         timestep_spacing="linspace")
+    sched = diffusers.EulerDiscreteScheduler.from_config(
+        ddpm_scheduler(), use_karras_sigmas=True, final_sigmas_type="sigma_min", timestep_spacing="linspace"
+    )
     sched.set_timesteps(n)
     z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     x = z * sched.sigmas[0]
@@ -50,19 +30,20 @@ def test_euler_matches_diffusers_euler_discrete_with_karras_sigmas(model_dir):
             eps = d.net(sched.scale_model_input(x, t), t).sample
             x = sched.step(eps, t, x).prev_sample
         # diffusers takes n steps on Karras sigmas and a last, empty step from sigma_min to sigma_min:
-        ours = plan("euler", n - 1, d.sigma_min, d.sigma_max, "polynomial:7").solve(d, z * d.sigma_max)
+        ours = plan("euler", n - 1, d, "polynomial:7").solve(d, z * d.sigma_max)
     assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()
 
 
-def test_prediction_types_and_pipeline_layout(tmp_path):
+def test_prediction_types_and_pipeline_layout(tmp_path, tiny_unet, ddpm_scheduler):
     unet = tiny_unet()
     for kind in ("v_prediction", "sample"):
         root = tmp_path / kind
         unet.save_pretrained(root / "unet")
         (root / "scheduler").mkdir(parents=True)
-        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SCHED, "prediction_type": kind}))
-        (root / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
-                                                            "unet": ["diffusers", "UNet2DModel"]}))
+        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(ddpm_scheduler(prediction_type=kind)))
+        (root / "model_index.json").write_text(
+            json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]})
+        )
         d = resolve(f"diffusers:{root}")
         x, s = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 5.0])
         with torch.no_grad():
@@ -73,15 +54,15 @@ def test_prediction_types_and_pipeline_layout(tmp_path):
         assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_teacher_dode_sample_end_to_end(model_dir, tmp_path):
-    path = teacher_dode_sample(tmp_path, f"diffusers:{model_dir}", steps=12, num_samples=12, batch=6, samples=6,
-                               heldout=4, base="dpm++3m")
+def test_teacher_dode_sample_end_to_end(ddpm_dir, tmp_path, teacher_dode_sample):
+    path = teacher_dode_sample(
+        tmp_path, f"diffusers:{ddpm_dir}", steps=12, num_samples=12, batch=6, samples=6, heldout=4, base="dpm++3m"
+    )
     with np.load(path) as f:
         assert f["x"].shape == (2, 3, 16, 16) and np.isfinite(f["x"]).all()
 
 
 def test_missing_folder_and_files(tmp_path):
-    from solverdistill.errors import BadInput
     with pytest.raises(BadInput, match="no such folder"):
         resolve(f"diffusers:{tmp_path / 'nope'}")
     (tmp_path / "empty").mkdir()
@@ -89,54 +70,104 @@ def test_missing_folder_and_files(tmp_path):
         resolve(f"diffusers:{tmp_path / 'empty'}")
 
 
-def build_sd(root):
+def build_sd(root, scheduler):
     """A tiny Stable Diffusion folder: UNet2DConditionModel, AutoencoderKL, CLIP text encoder and tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     torch.manual_seed(0)
     diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(root / "unet")
-    diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            norm_num_groups=8).save_pretrained(root / "vae")
-    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                 vocab_size=1000, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-                  ).save_pretrained(root / "text_encoder")
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).save_pretrained(root / "unet")
+    diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+    ).save_pretrained(root / "vae")
+    CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=1000,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).save_pretrained(root / "text_encoder")
     (root / "tok").mkdir()
-    (root / "tok" / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2,
-                                                         "cat</w>": 3, "dog</w>": 4, "photo</w>": 5}))
+    (root / "tok" / "vocab.json").write_text(
+        json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3, "dog</w>": 4, "photo</w>": 5})
+    )
     (root / "tok" / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt"),
-                  pad_token="<|endoftext|>").save_pretrained(root / "tokenizer")
+    CLIPTokenizer(
+        str(root / "tok" / "vocab.json"), str(root / "tok" / "merges.txt"), pad_token="<|endoftext|>"
+    ).save_pretrained(root / "tokenizer")
     (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {**SCHED, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
-                                                        "unet": [], "vae": [], "text_encoder": [], "tokenizer": []}))
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(scheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    )
+    (root / "model_index.json").write_text(
+        json.dumps(
+            {"_class_name": "StableDiffusionPipeline", "unet": [], "vae": [], "text_encoder": [], "tokenizer": []}
+        )
+    )
 
 
 @pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
+def sd_dir(tmp_path_factory, ddpm_scheduler):
     root = tmp_path_factory.mktemp("sd")
-    build_sd(root)
+    build_sd(root, ddpm_scheduler)
     return root
 
 
-def test_guidance_doubles_passes_and_one_is_the_conditional_model(sd_dir, tmp_path):
+def test_guidance_doubles_passes_and_one_is_the_conditional_model(sd_dir, tmp_path, cli):
     d = resolve(f"diffusers:{sd_dir}?prompt=a photo&guidance=1")
     assert d.passes_per_call == 1 and d.sigma_min == pytest.approx(0.0292, abs=1e-3)
     assert d.sigma_max == pytest.approx(14.61, rel=1e-2)
     x, s = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 3.0])
     cond = d.draw_cond([0, 1])
     with torch.no_grad():
-        emb = d.text_encoder(d.tokenizer(["a photo"] * 2, padding="max_length", max_length=77, truncation=True,
-                                         return_tensors="pt").input_ids)[0]
-        eps = d.net(x / torch.sqrt(s[:, None, None, None] ** 2 + 1), d.t_of(s).float(), encoder_hidden_states=emb).sample
+        emb = d.text_encoder(
+            d.tokenizer(
+                ["a photo"] * 2, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids
+        )[0]
+        eps = d.net(
+            x / torch.sqrt(s[:, None, None, None] ** 2 + 1), d.t_of(s).float(), encoder_hidden_states=emb
+        ).sample
         assert torch.allclose(d(x, s, cond), x - s[:, None, None, None] * eps, atol=1e-5)
-    r = CliRunner().invoke(app, ["sample", "--model", f"diffusers:{sd_dir}", "--prompt", "a cat", "--guidance", "7.5",
-                                 "--solver", "euler", "--nfe", "3", "--num", "2", "--out", str(tmp_path), "--quiet"])
+    r = cli(
+        "sample",
+        "--model",
+        f"diffusers:{sd_dir}",
+        "--prompt",
+        "a cat",
+        "--guidance",
+        7.5,
+        "--solver",
+        "euler",
+        "--nfe",
+        3,
+        "--num",
+        2,
+        "--out",
+        tmp_path,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     with np.load(tmp_path / "samples.npz") as f:
         meta = json.loads(str(f["meta"][()]))
@@ -144,29 +175,50 @@ def test_guidance_doubles_passes_and_one_is_the_conditional_model(sd_dir, tmp_pa
         assert f["x"].shape == (2, 4, 8, 8) and f["images"].shape == (2, 3, 16, 16)
 
 
-def test_sd_teacher_stores_prompt_indices(sd_dir, tmp_path):
+def test_sd_teacher_stores_prompt_indices(sd_dir, tmp_path, cli, teacher_dode_sample):
     (tmp_path / "caps.txt").write_text("a cat\na dog\na photo\n")
-    teacher_dode_sample(tmp_path, f"diffusers:{sd_dir}?prompts={tmp_path / 'caps.txt'}&guidance=2", steps=6,
-                        num_samples=8, batch=4, samples=4, heldout=3)
-    from solverdistill.teacher import TeacherCache
+    teacher_dode_sample(
+        tmp_path,
+        f"diffusers:{sd_dir}?prompts={tmp_path / 'caps.txt'}&guidance=2",
+        steps=6,
+        num_samples=8,
+        batch=4,
+        samples=4,
+        heldout=3,
+    )
     assert TeacherCache.open(tmp_path / "cache").cond(np.arange(8)).tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
-    r = CliRunner().invoke(app, ["sample", "--model", f"diffusers:{sd_dir}", "--out", str(tmp_path / "x"), "--quiet"])
+    r = cli("sample", "--model", f"diffusers:{sd_dir}", "--out", tmp_path / "x", "--quiet")
     assert r.exit_code == 2 and "--prompt" in r.output
 
 
-def test_latent_vq_decodes_with_scale_one(tmp_path):
+def test_latent_vq_decodes_with_scale_one(tmp_path, ddpm_scheduler):
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                                 layers_per_block=1, norm_num_groups=8,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-    vq = diffusers.VQModel(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 16),
-                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                           norm_num_groups=8, num_vq_embeddings=32)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    vq = diffusers.VQModel(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        num_vq_embeddings=32,
+    )
     unet.save_pretrained(tmp_path / "unet")
     vq.save_pretrained(tmp_path / "vqvae")
     (tmp_path / "scheduler").mkdir()
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {**SCHED, "beta_schedule": "scaled_linear", "beta_start": 0.0015, "beta_end": 0.0195}))
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(ddpm_scheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195))
+    )
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline", "unet": [], "vqvae": []}))
     d = resolve(f"diffusers:{tmp_path}")
     assert d.latent_scale == 1.0 and d.sigma_max == pytest.approx(83.8, rel=1e-2)

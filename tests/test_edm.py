@@ -2,18 +2,14 @@ import pickle
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from solverdistill.cli import app
 from solverdistill.errors import BadInput
 from solverdistill.models import resolve
-from solverdistill.models.edm import sha256_of
-
-from conftest import teacher_dode_sample
-
-runner = CliRunner()
+from solverdistill.models.edm import sha256_of, trust_every_pickle
+from solverdistill.teacher import TeacherCache
 
 SRC = """
 import torch
@@ -42,6 +38,7 @@ EVIL = SRC + "\nopen(__import__('os').environ['SDISTILL_TEST_MARKER'], 'w').writ
 def write_edm_pickle(path, src=SRC, label_dim=0):
     """Pickle a network the way EDM's torch_utils.persistence does: a call to _reconstruct_persistent_obj(meta)
     carrying the module source, the class name and the object's state."""
+
     def _reconstruct_persistent_obj(meta):  # only its name matters when pickling
         raise AssertionError
 
@@ -52,9 +49,9 @@ def write_edm_pickle(path, src=SRC, label_dim=0):
 
     def persistent_class(cls):
         def __reduce__(self):
-            meta = dict(type="class", version=6, module_src=src, class_name=cls.__name__,
-                        state=dict(self.__dict__))
+            meta = dict(type="class", version=6, module_src=src, class_name=cls.__name__, state=dict(self.__dict__))
             return _reconstruct_persistent_obj, (meta,)
+
         cls.__reduce__ = __reduce__
         return cls
 
@@ -88,21 +85,27 @@ def test_vouched_pickle_loads_and_matches(tmp_path, monkeypatch):
     assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
 
 
-def test_unvouched_pickle_is_refused_before_anything_runs(tmp_path, monkeypatch):
+def test_unvouched_pickle_is_refused_before_anything_runs(tmp_path, monkeypatch, cli):
     marker = tmp_path / "ran.txt"
     monkeypatch.setenv("SDISTILL_TEST_MARKER", str(marker))
     monkeypatch.setenv("SDISTILL_TRUSTED", str(tmp_path / "empty.txt"))
     write_edm_pickle(tmp_path / "evil.pkl", src=EVIL)
-    r = runner.invoke(app, ["sample", "--model", f"edm:{tmp_path / 'evil.pkl'}", "--out", str(tmp_path / "o"),
-                            "--quiet"])
-    assert r.exit_code == 2 and "sha256" in r.output and "--trust-pickle" in r.output
+    spec = f"edm:{tmp_path / 'evil.pkl'}"
+    r = cli("sample", "--model", spec, "--out", tmp_path / "o", "--quiet")
+    assert r.exit_code == 2 and sha256_of(tmp_path / "evil.pkl") in r.output and "--trust-pickle" in r.output
     assert not marker.exists()
-    # Vouching by flag loads it (and its code runs: that is what vouching means).
-    r = runner.invoke(app, ["--trust-pickle", "sample", "--model", f"edm:{tmp_path / 'evil.pkl'}", "--nfe", "2",
-                            "--num", "2", "--out", str(tmp_path / "o"), "--quiet"])
-    monkeypatch.delenv("SDISTILL_TRUST_PICKLE", raising=False)
+    # Vouching by flag loads it (and its code runs: that is what vouching means) ...
+    r = cli("--trust-pickle", "sample", "--model", spec, "--nfe", 2, "--num", 2, "--out", tmp_path / "o", "--quiet")
     assert r.exit_code == 0, r.output
     assert marker.exists()
+    # ... for that run only.
+    marker.unlink()
+    r = cli("sample", "--model", spec, "--out", tmp_path / "o", "--quiet")
+    assert r.exit_code == 2 and not marker.exists()
+    # The allow-list vouches too, line by line (comments and a file name after the digest are fine).
+    (tmp_path / "list.txt").write_text(f"# vouched\n{sha256_of(tmp_path / 'evil.pkl').upper()}  evil.pkl\n")
+    monkeypatch.setenv("SDISTILL_TRUSTED", str(tmp_path / "list.txt"))
+    assert resolve(spec).shape == (3, 8, 8) and marker.exists()
 
 
 def test_class_conditional_labels_per_seed(tmp_path, monkeypatch):
@@ -112,6 +115,8 @@ def test_class_conditional_labels_per_seed(tmp_path, monkeypatch):
     d = resolve(f"edm:{tmp_path / 'c.pkl'}")
     labels = d.draw_cond([1, 2, 3])
     assert labels.shape == (3,) and torch.equal(labels, d.draw_cond([1, 2, 3]))
+    assert labels.tolist() == [int(v) for v in d.draw_cond([3, 2, 1]).flip(0)]  # per seed, not per position
+    assert set(d.draw_cond(range(40)).tolist()) == {0, 1, 2, 3}
     x = torch.randn(3, 3, 8, 8)
     assert d(x, torch.ones(3), labels).shape == x.shape
     with pytest.raises(BadInput, match="labels"):
@@ -124,14 +129,13 @@ def test_missing_file_message(tmp_path):
 
 
 @pytest.mark.parametrize("label_dim", [0, 4])
-def test_teacher_dode_sample_end_to_end(tmp_path, monkeypatch, label_dim):
-    import numpy as np
+def test_teacher_dode_sample_end_to_end(tmp_path, monkeypatch, teacher_dode_sample, label_dim):
     write_edm_pickle(tmp_path / "n.pkl", label_dim=label_dim)
     monkeypatch.setenv("SDISTILL_TRUSTED", str(tmp_path / "t.txt"))
     (tmp_path / "t.txt").write_text(sha256_of(tmp_path / "n.pkl") + "\n")
-    path = teacher_dode_sample(tmp_path, f"edm:{tmp_path / 'n.pkl'}", steps=10, num_samples=12, batch=6, samples=6,
-                               heldout=4, num=3)
-    from solverdistill.teacher import TeacherCache
+    path = teacher_dode_sample(
+        tmp_path, f"edm:{tmp_path / 'n.pkl'}", steps=10, num_samples=12, batch=6, samples=6, heldout=4, num=3
+    )
     cache = TeacherCache.open(tmp_path / "cache")
     if label_dim:
         d = resolve(f"edm:{tmp_path / 'n.pkl'}")
@@ -142,10 +146,19 @@ def test_teacher_dode_sample_end_to_end(tmp_path, monkeypatch, label_dim):
         assert f["x"].shape == (3, 3, 8, 8) and np.isfinite(f["x"]).all()
 
 
-def test_fixed_class_option(tmp_path, monkeypatch):
+def test_fixed_class_option(tmp_path, cli):
     write_edm_pickle(tmp_path / "c.pkl", label_dim=4)
-    monkeypatch.setenv("SDISTILL_TRUST_PICKLE", "1")
+    trust_every_pickle(True)  # reset after every test (conftest)
     assert resolve(f"edm:{tmp_path / 'c.pkl'}?class=2").draw_cond([5, 6]).tolist() == [2, 2]
-    r = runner.invoke(app, ["sample", "--model", f"edm:{tmp_path / 'c.pkl'}", "--class", "9", "--out",
-                            str(tmp_path / "o"), "--quiet"])
+    r = cli(
+        "--trust-pickle",
+        "sample",
+        "--model",
+        f"edm:{tmp_path / 'c.pkl'}",
+        "--class",
+        9,
+        "--out",
+        tmp_path / "o",
+        "--quiet",
+    )
     assert r.exit_code == 2 and "--class" in r.output

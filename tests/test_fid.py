@@ -1,19 +1,13 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from solverdistill.cli import app
-from solverdistill.fid import FeatureStats, frechet_distance
-
-runner = CliRunner()
-
-
-def cli(*args, **kw):
-    return runner.invoke(app, [str(a) for a in args], **kw)
+from solverdistill.errors import BadInput
+from solverdistill.fid import FeatureStats, FIDResult, frechet_distance, make_ref, reference_stats, run_fid
 
 
 def test_frechet_distance_equals_closed_form_for_gaussians():
@@ -76,21 +70,25 @@ class StandIn(torch.nn.Module):
 @pytest.fixture
 def inception(tmp_path):
     path = tmp_path / "inception-2015-12-05.pt"
-    torch.jit.script(StandIn()).save(str(path))
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream, but it is the published format
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(StandIn()).save(str(path))
     return path
 
 
 @pytest.mark.parametrize("mode", ["legacy_tensorflow", "clean"])
-def test_inception_path_end_to_end(tmp_path, inception, mode):
+def test_inception_path_end_to_end(tmp_path, cli, inception, mode):
     write_images(tmp_path / "a", 12, seed=1)
     write_images(tmp_path / "b", 10, seed=2)
-    r = cli("fid", tmp_path / "a", "--ref", tmp_path / "b", "--inception", inception, "--mode", mode,
-            "--batch", 5, "--json")
+    r = cli(
+        "fid", tmp_path / "a", "--ref", tmp_path / "b", "--inception", inception, "--mode", mode, "--batch", 5, "--json"
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["samples"] == 12 and res["fid"] > 0
-    r = cli("fid", "--make-ref", tmp_path / "b", "--out", tmp_path / "ref.npz", "--inception", inception,
-            "--mode", mode)
+    r = cli(
+        "fid", "--make-ref", tmp_path / "b", "--out", tmp_path / "ref.npz", "--inception", inception, "--mode", mode
+    )
     assert r.exit_code == 0, r.output
     r2 = cli("fid", tmp_path / "a", "--ref", tmp_path / "ref.npz", "--inception", inception, "--mode", mode)
     assert float(r2.stdout.strip().splitlines()[-1]) == pytest.approx(res["fid"], rel=1e-4)
@@ -98,15 +96,17 @@ def test_inception_path_end_to_end(tmp_path, inception, mode):
     assert abs(float(same.stdout.strip().splitlines()[-1])) < 1e-6
 
 
-def test_samples_npz_pixels_and_exact_mixture(tmp_path):
-    r = cli("sample", "--model", "gmm:ring2d", "--num", 400, "--nfe", 20, "--solver", "heun", "--out", tmp_path, "--quiet")
-    assert r.exit_code == 0
+def test_samples_npz_pixels_and_exact_mixture(tmp_path, cli):
+    r = cli(
+        "sample", "--model", "gmm:ring2d", "--num", 400, "--nfe", 20, "--solver", "heun", "--out", tmp_path, "--quiet"
+    )
+    assert r.exit_code == 0, r.output
     r = cli("fid", tmp_path / "samples.npz", "--ref", "gmm:ring2d", "--features", "pixels")
     assert r.exit_code == 0, r.output
     assert 0 <= float(r.stdout.strip().splitlines()[-1]) < 0.05
 
 
-def test_missing_inception_names_file_and_sha(tmp_path, monkeypatch):
+def test_missing_inception_names_file_and_sha(tmp_path, monkeypatch, cli):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("SDISTILL_INCEPTION", raising=False)
     write_images(tmp_path / "a", 3)
@@ -115,9 +115,11 @@ def test_missing_inception_names_file_and_sha(tmp_path, monkeypatch):
     assert "inception-2015-12-05.pt" in r.output and "f58cb9b6" in r.output and "nvlabs" in r.output
 
 
-@pytest.mark.parametrize("case, message", [("unreadable", "unreadable image"), ("sizes", "differs"),
-                                           ("nomu", "'mu' and 'sigma'"), ("noref", "not a file")])
-def test_fid_bad_input(tmp_path, inception, case, message):
+@pytest.mark.parametrize(
+    "case, message",
+    [("unreadable", "unreadable image"), ("sizes", "differs"), ("nomu", "'mu' and 'sigma'"), ("noref", "not a file")],
+)
+def test_fid_bad_input(tmp_path, cli, inception, case, message):
     write_images(tmp_path / "a", 4)
     ref = tmp_path / "a"
     if case == "unreadable":
@@ -132,3 +134,31 @@ def test_fid_bad_input(tmp_path, inception, case, message):
         ref = "no_such_dataset"
     r = cli("fid", tmp_path / "a", "--ref", ref, "--inception", inception)
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_engine_entry_points(tmp_path, inception):
+    """run_fid / make_ref / reference_stats, as `fid` and `compare` call them."""
+    write_images(tmp_path / "a", 6, seed=1)
+    write_images(tmp_path / "b", 7, seed=2)
+    path, n = make_ref(
+        str(tmp_path / "b"), str(tmp_path / "sub" / "ref.npz"), "inception", "clean", 3, "cpu", str(inception)
+    )
+    assert n == 7 and path.is_file()
+    with np.load(path) as f:
+        assert f["mu"].shape == (2 * 2 * 3,) and f["sigma"].shape == (12, 12)
+    res = run_fid(str(tmp_path / "a"), str(path), "inception", "clean", 4, "cpu", str(inception))
+    assert isinstance(res, FIDResult) and res.samples == 6 and res.reference == str(path)
+    direct = run_fid(str(tmp_path / "a"), str(tmp_path / "b"), "inception", "clean", 4, "cpu", str(inception))
+    assert direct.distance == pytest.approx(res.distance, rel=1e-10)  # folder or its statistics: the same
+    mu, sigma, where = reference_stats("gmm:ring2d", "pixels", "clean", 4, "cpu", None)
+    assert mu.shape == (2,) and sigma.shape == (2, 2) and "exact mixture moments" in where
+    for args, message in (
+        (("gmm:ring2d", "inception"), "add --features pixels"),
+        (("toy:unet-gmm", "pixels"), "no exact data moments"),
+    ):
+        with pytest.raises(BadInput, match=message):
+            reference_stats(args[0], args[1], "clean", 4, "cpu", None)
+    for kw, message in (({"features": "hog"}, "--features"), ({"mode": "fast"}, "--mode"), ({"batch": 0}, "--batch")):
+        args = {"features": "pixels", "mode": "clean", "batch": 4, **kw}
+        with pytest.raises(BadInput, match=message):
+            run_fid(str(tmp_path / "a"), "gmm:ring2d", args["features"], args["mode"], args["batch"], "cpu", None)

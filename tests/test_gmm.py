@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -79,8 +78,16 @@ def test_presets_and_fingerprints():
     assert parse_params("cifar,seed=4").components == 10
 
 
-@pytest.mark.parametrize("body, word", [("nope", "preset"), ("shape=3xq", "shape"), ("colour=3", "colour"),
-                                        ("components=0", "components"), ("rank=99,shape=2x2", "rank")])
+@pytest.mark.parametrize(
+    "body, word",
+    [
+        ("nope", "preset"),
+        ("shape=3xq", "shape"),
+        ("colour=3", "colour"),
+        ("components=0", "components"),
+        ("rank=99,shape=2x2", "rank"),
+    ],
+)
 def test_bad_parameters(body, word):
     with pytest.raises(BadInput, match=word):
         resolve("gmm:" + body)

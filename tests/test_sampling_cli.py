@@ -1,46 +1,36 @@
+"""`sdistill sample` (commands/sample.py over samples.py): handcrafted solvers and models from the command line,
+what samples.npz holds, and bad input."""
+
 import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from solverdistill.cli import app
 from solverdistill.models import resolve
-from solverdistill.sampling import generate, initial_noise, plan
-
-runner = CliRunner()
+from solverdistill.solvers import plan
 
 
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.mark.parametrize("solver, afs", [("dpm++3m", False), ("heun", True), ("unipc", True)])
-def test_samples_do_not_depend_on_batch_size(solver, afs):
-    m = resolve("gmm:tiny", dtype=torch.float64)
-    nfe = 5 if afs else 6
-    p = plan(solver, nfe, m.sigma_min, m.sigma_max, afs=afs)
-    seeds = list(range(100, 164))
-    runs = [generate(m, lambda mm, x, c, cb: p.solve(mm, x, c, cb), seeds, batch=b) for b in (1, 7, 64)]
-    # The noise is bitwise the same; the samples agree to rounding (BLAS may sum in another order per batch).
-    assert torch.equal(runs[0].z, runs[1].z) and torch.equal(runs[0].z, runs[2].z)
-    for r in runs[1:]:
-        assert torch.allclose(runs[0].x, r.x, atol=1e-11, rtol=0)
-
-
-def test_noise_is_per_seed():
-    a = initial_noise([5, 6, 7], (2, 3))
-    b = initial_noise([7], (2, 3))
-    assert torch.equal(a[2], b[0])
-
-
-def test_sample_writes_files(tmp_path):
-    r = run("sample", "--model", "gmm:cifar", "--solver", "dpm++", "--nfe", 4, "--num", 6, "--seed", 3,
-            "--batch", 4, "--out", tmp_path / "s", "--quiet")
+def test_sample_writes_files(tmp_path, cli):
+    r = cli(
+        "sample",
+        "--model",
+        "gmm:cifar",
+        "--solver",
+        "dpm++",
+        "--nfe",
+        4,
+        "--num",
+        6,
+        "--seed",
+        3,
+        "--batch",
+        4,
+        "--out",
+        tmp_path / "s",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     with np.load(tmp_path / "s" / "samples.npz", allow_pickle=False) as f:
         assert f["x"].shape == (6, 3, 32, 32) and f["z"].shape == (6, 3, 32, 32)
@@ -53,26 +43,53 @@ def test_sample_writes_files(tmp_path):
     assert (tmp_path / "s" / "grid.png").exists()
     # z is the noise exactly as used: re-running the solver from sigma_max * z gives x.
     m = resolve("gmm:cifar")
-    p = plan("dpm++3m", 4, m.sigma_min, m.sigma_max)
+    p = plan("dpm++3m", 4, m)
     with torch.no_grad():
         again = p.solve(m, torch.from_numpy(z) * 80.0)
     assert np.allclose(again.numpy(), x, atol=2e-4)  # float32, another batch size
 
 
-def test_sample_afs_float64_points_and_png(tmp_path):
-    r = run("sample", "--model", "gmm:ring2d", "--solver", "heun", "--nfe", 5, "--afs", "--num", 10,
-            "--dtype", "float64", "--out", tmp_path, "--quiet")
+def test_sample_afs_float64_points_and_png(tmp_path, cli):
+    r = cli(
+        "sample",
+        "--model",
+        "gmm:ring2d",
+        "--solver",
+        "heun",
+        "--nfe",
+        5,
+        "--afs",
+        "--num",
+        10,
+        "--dtype",
+        "float64",
+        "--out",
+        tmp_path,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     with np.load(tmp_path / "samples.npz") as f:
         assert f["x"].dtype == np.float64 and json.loads(str(f["meta"][()]))["afs"] is True
     assert (tmp_path / "scatter.png").exists()
-    r = run("sample", "--model", "gmm:shape=1x8x8,components=2,rank=2", "--nfe", 3, "--num", 3, "--png",
-            "--out", tmp_path / "p", "--quiet")
+    r = cli(
+        "sample",
+        "--model",
+        "gmm:shape=1x8x8,components=2,rank=2",
+        "--nfe",
+        3,
+        "--num",
+        3,
+        "--png",
+        "--out",
+        tmp_path / "p",
+        "--quiet",
+    )
     assert r.exit_code == 0 and len(list((tmp_path / "p" / "png").glob("*.png"))) == 3
 
 
-def test_python_factory_and_yaml_model(tmp_path, monkeypatch):
-    (tmp_path / "mymodel.py").write_text(textwrap.dedent("""
+def test_python_factory_and_yaml_model(tmp_path, monkeypatch, cli):
+    (tmp_path / "mymodel.py").write_text(
+        textwrap.dedent("""
         import torch
         class Shrink(torch.nn.Module):
             sigma_min, sigma_max, shape = 0.01, 10.0, (3,)
@@ -82,63 +99,64 @@ def test_python_factory_and_yaml_model(tmp_path, monkeypatch):
             return Shrink()
         def broken():
             return object()
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    r = run("sample", "--model", "python:mymodel:make", "--solver", "euler", "--nfe", 3, "--num", 2,
-            "--out", tmp_path / "o", "--quiet")
+    r = cli(
+        "sample",
+        "--model",
+        "python:mymodel:make",
+        "--solver",
+        "euler",
+        "--nfe",
+        3,
+        "--num",
+        2,
+        "--out",
+        tmp_path / "o",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     with np.load(tmp_path / "o" / "samples.npz") as f:
         assert json.loads(str(f["meta"][()]))["grid"][0] == 10.0
     (tmp_path / "m.yaml").write_text("model: {spec: 'python:mymodel:make'}\n")
-    r = run("sample", "--model", tmp_path / "m.yaml", "--nfe", 3, "--num", 2, "--out", tmp_path / "y", "--quiet")
+    r = cli("sample", "--model", tmp_path / "m.yaml", "--nfe", 3, "--num", 2, "--out", tmp_path / "y", "--quiet")
     assert r.exit_code == 0, r.output
-    r = run("sample", "--model", "python:mymodel:broken", "--out", tmp_path / "b", "--quiet")
+    r = cli("sample", "--model", "python:mymodel:broken", "--out", tmp_path / "b", "--quiet")
     assert r.exit_code == 2 and "sigma_min" in r.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--solver", "rk45"], "unknown solver"),
-    (["--model", "gmm:nope"], "unknown preset"),
-    (["--model", "vae:foo"], "unknown model spec"),
-    (["--model", "gmm:shape=axb"], "shape"),
-    (["--nfe", "0"], "--nfe"),
-    (["--schedule", "cosine"], "--schedule"),
-    (["--schedule", "polynomial:-1"], "rho"),
-    (["--schedule", "80,1,2"], "decreasing"),
-    (["--solver", "heun", "--nfe", "5"], "odd one with --afs"),
-    (["--model", "python:no_such_module_xyz:f"], "cannot import"),
-    (["--num", "0"], "--num"),
-    (["--dtype", "float16"], "--dtype"),
-    (["--device", "tpu"], "--device"),
-    (["--precision", "fp8"], "--precision"),
-    (["--precision", "bf16"], "no network"),
-])
-def test_bad_input_exits_2_with_message(tmp_path, args, message):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--solver", "rk45"], "unknown solver"),
+        (["--model", "gmm:nope"], "unknown preset"),
+        (["--model", "vae:foo"], "unknown model spec"),
+        (["--model", "gmm:shape=axb"], "shape"),
+        (["--nfe", "0"], "--nfe"),
+        (["--schedule", "cosine"], "--schedule"),
+        (["--schedule", "polynomial:-1"], "rho"),
+        (["--schedule", "80,1,2"], "decreasing"),
+        (["--solver", "heun", "--nfe", "5"], "odd one with --afs"),
+        (["--model", "python:no_such_module_xyz:f"], "cannot import"),
+        (["--num", "0"], "--num"),
+        (["--dtype", "float16"], "--dtype"),
+        (["--device", "tpu"], "--device"),
+        (["--precision", "fp8"], "--precision"),
+        (["--precision", "bf16"], "no network"),
+    ],
+)
+def test_bad_input_exits_2_with_message(tmp_path, cli, args, message):
     base = {"--model": "gmm:tiny", "--out": str(tmp_path / "o")}
     for k, v in zip(args[::2], args[1::2]):
         base[k] = v
-    r = run("sample", *[x for kv in base.items() for x in kv], "--quiet")
+    r = cli("sample", *[x for kv in base.items() for x in kv], "--quiet")
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
 
 
-def test_unwritable_output(tmp_path):
+def test_unwritable_output(tmp_path, cli):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = run("sample", "--model", "gmm:tiny", "--out", blocker / "sub", "--quiet")
+    r = cli("sample", "--model", "gmm:tiny", "--out", blocker / "sub", "--quiet")
     assert r.exit_code == 2 and "--out" in r.output
-
-
-def test_lists_and_version():
-    r = run("solvers")
-    assert r.exit_code == 0 and "dpm++3m" in r.output and "time_uniform:2" in r.output
-    r = run("models")
-    assert r.exit_code == 0 and "gmm:cifar" in r.output
-    p = subprocess.run([sys.executable, "-m", "solverdistill", "--version"], capture_output=True, text=True)
-    assert p.returncode == 0 and p.stdout.startswith("sdistill ")
-
-
-def test_no_traceback_from_a_real_process(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "solverdistill", "sample", "--model", "gmm:tiny", "--solver", "nope",
-                        "--out", str(tmp_path)], capture_output=True, text=True)
-    assert p.returncode == 2 and "unknown solver" in p.stderr and "Traceback" not in p.stderr + p.stdout

@@ -1,117 +1,189 @@
+"""solverdistill.students.sfd: fine-tuning the network for few-step euler (SFD), and SFD-v's step condition."""
+
 import textwrap
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from solverdistill import students
-from solverdistill.cli import app
 from solverdistill.errors import BadInput
+from solverdistill.generate import CountingDenoiser, generate
 from solverdistill.models import resolve
 from solverdistill.recipes import load_recipe
-from solverdistill.students.common import start
-from solverdistill.students.sfd import euler_step, student_grid
+from solverdistill.solvers import Solver, plan
+from solverdistill.students.sfd import student_grid
 from solverdistill.teacher import TeacherCache
 from solverdistill.teacher.run import run_teacher
 
-runner = CliRunner()
+TINYTOY = textwrap.dedent("""
+    import torch
+    from solverdistill.models.toy import ToyDenoiser, ToyUNet
+
+    def make():
+        torch.manual_seed(0)
+        return ToyDenoiser(ToyUNet(channels=(8, 16, 16), emb=32), spec="python:tinytoy:make")
+
+    def other():
+        torch.manual_seed(1)
+        return ToyDenoiser(ToyUNet(channels=(8, 16, 24), emb=32), spec="python:tinytoy:other")
+
+    class Plain(torch.nn.Module):
+        sigma_min, sigma_max, shape = 0.002, 80.0, (3, 32, 32)
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+        def forward(self, x, sigma, cond=None):
+            return self.conv(x) / (1 + sigma[:, None, None, None])
+
+    def plain():
+        return Plain()
+""")
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, recipe_file):
+    """A small toy UNet importable as `python:tinytoy:...` (while this module runs), and its teacher cache."""
     root = tmp_path_factory.mktemp("sfd")
-    (root / "tinytoy.py").write_text(textwrap.dedent("""
-        import torch
-        from solverdistill.models.toy import ToyDenoiser, ToyUNet
-
-        def make():
-            torch.manual_seed(0)
-            return ToyDenoiser(ToyUNet(channels=(8, 16, 16), emb=32), spec="python:tinytoy:make")
-
-        def other():
-            torch.manual_seed(1)
-            return ToyDenoiser(ToyUNet(channels=(8, 16, 24), emb=32), spec="python:tinytoy:other")
-
-        class Plain(torch.nn.Module):
-            sigma_min, sigma_max, shape = 0.002, 80.0, (3, 32, 32)
-            def __init__(self):
-                super().__init__()
-                self.conv = torch.nn.Conv2d(3, 3, 1)
-            def forward(self, x, sigma, cond=None):
-                return self.conv(x) / (1 + sigma[:, None, None, None])
-
-        def plain():
-            return Plain()
-    """))
-    import sys
-    sys.path.insert(0, str(root))
-    (root / "r.yaml").write_text(f"""name: sfd
-model: {{spec: "python:tinytoy:make"}}
-teacher: {{steps: 16, num_samples: 40, batch: 20, cache: '{root / "cache"}'}}
-student: {{method: sfd, nfe: 2}}
-train: {{iterations: 6, batch: 8, heldout: 8, lr: 1.0e-3}}
-output: '{root / "sfd.npz"}'
-""")
-    run_teacher(load_recipe(root / "r.yaml"))
-    return root
+    (root / "tinytoy.py").write_text(TINYTOY)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(root))
+        recipe_file(
+            root / "r.yaml",
+            name="sfd",
+            model="python:tinytoy:make",
+            output=root / "sfd.npz",
+            teacher={"steps": 16, "num_samples": 40, "batch": 20, "cache": str(root / "cache")},
+            student={"method": "sfd", "nfe": 2},
+            train={"iterations": 6, "batch": 8, "heldout": 8, "lr": 1e-3},
+        )
+        run_teacher(load_recipe(root / "r.yaml"))
+        yield root
 
 
-def student_loss(den, cache, idx, s, model):
-    grid = student_grid(s, model, s.nfe).tolist()
-    x, cond = start(cache, idx, model)
-    targets = cache.states_at(idx, np.array(grid[1:]))
-    total = 0.0
-    with torch.no_grad():
-        for k in range(len(grid) - 1):
-            x = euler_step(den, x, grid[k], grid[k + 1], cond, s.afs and k == 0)
-            total += float((x - targets[:, k]).abs().flatten(1).sum(1).mean())
-    return total
-
-
-def test_fine_tuning_lowers_the_student_loss_and_keeps_the_teacher(toy):
+@pytest.fixture(scope="module")
+def fitted(toy):
+    """The SFD student of the recipe (fitted once), its model and cache."""
     rec = load_recipe(toy / "r.yaml")
     method = students.get("sfd")
-    s, t = students.configs(method, rec.student, rec.train)
+    s, t = method.configs(rec.student, rec.train)
     model = resolve(rec.model.spec)
     before = {k: v.clone() for k, v in model.net.state_dict().items()}
-    cache = TeacherCache.open(rec.cache_dir())
-    art = method.fit(cache, model, s, t)
+    art = method.fit(TeacherCache.open(rec.cache_dir()), model, s, t)
+    return art, model, before
+
+
+def student_loss(solver, model, cache, idx):
+    """SFD's objective: L1 of each student step's output to the teacher state at its next sigma."""
+    grid = solver.plan.sigmas
+    x, cond = cache.start(idx, model)
+    states = []
+    with torch.no_grad():
+        final = solver.solve(model, x, cond, callback=lambda step: states.append(step.x))
+    outs = states[1:] + [final]
+    targets = cache.states_at(idx, grid[1:].numpy())
+    return sum(float((o - targets[:, k]).abs().flatten(1).sum(1).mean()) for k, o in enumerate(outs))
+
+
+def test_fine_tuning_lowers_the_student_loss_and_keeps_the_teacher(toy, fitted):
+    art, model, before = fitted
     assert all(torch.equal(before[k], v) for k, v in model.net.state_dict().items())
-    tuned = method.load(art, model).den
+    method = students.get("sfd")
+    tuned, original = method.load(art, model), method.load(method.untrained(art), model)
+    assert not any(k.startswith("net.") for k in method.untrained(art).arrays)
+    cache = TeacherCache.open(toy / "cache")
     idx = np.arange(16)
-    assert student_loss(tuned, cache, idx, s, model) < student_loss(model, cache, idx, s, model)
+    assert student_loss(tuned, model, cache, idx) < student_loss(original, model, cache, idx)
+    assert art.meta["training"]["iterations"] == 6 and art.meta["training"]["cleaned_gradients"] == 0
 
 
-def test_artifact_round_trip_and_refusals(toy):
-    r = runner.invoke(app, ["distill", str(toy / "r.yaml"), "--quiet"])
+def test_sfd_solver_counts_calls_on_the_callers_counter(fitted):
+    art, model, _ = fitted
+    solver = students.get("sfd").load(art, model)
+    assert isinstance(solver, Solver) and solver.nfe == 2 and solver.afs and solver.network_passes == 2
+    assert generate(model, solver, [0, 1, 2], batch=2).nfe == 2
+    counted = CountingDenoiser(model)
+    with torch.no_grad():
+        solver.solve(counted, torch.randn(2, *model.shape) * 80.0)
+    assert counted.calls == 2  # its own network's calls, counted on the caller's counter
+    d = solver.describe()
+    assert d["solver"] == "sfd" and d["steps"] == 3 and d["grid"] == solver.plan.sigmas.tolist()
+
+
+def test_sfd_reports_steps(fitted, step_contract):
+    art, model, _ = fitted
+    solver = students.get("sfd").load(art, model)
+    seen = []
+    x = torch.randn(2, *model.shape) * 80.0
+    out = solver.solve(model, x, callback=seen.append)
+    step_contract(seen, 2, 3)
+    grid = solver.plan.sigmas
+    assert all(torch.equal(s.sigma, torch.full((2,), float(grid[s.i]), dtype=torch.float64)) for s in seen)
+    # SFD reports D too: the AFS estimate on the first step, the fine-tuned network's output after.
+    assert torch.allclose(seen[0].denoised, x - 80.0 * x / np.sqrt(1 + 80.0**2))
+    with torch.no_grad():
+        assert torch.allclose(seen[1].denoised, solver.den(seen[1].x, seen[1].sigma.float()), atol=1e-6)
+        assert not torch.allclose(seen[1].denoised, model(seen[1].x, seen[1].sigma.float()), atol=1e-6)
+    assert torch.isfinite(out).all()
+
+
+def test_artifact_round_trip_and_refusals(toy, cli):
+    r = cli("distill", toy / "r.yaml", "--quiet")
     assert r.exit_code == 0, r.output
     outs = []
     for k in range(2):
-        r = runner.invoke(app, ["sample", "--solver", str(toy / "sfd.npz"), "--num", "3", "--out",
-                                str(toy / f"s{k}"), "--quiet"])
+        r = cli("sample", "--solver", toy / "sfd.npz", "--num", 3, "--out", toy / f"s{k}", "--quiet")
         assert r.exit_code == 0, r.output
         with np.load(toy / f"s{k}" / "samples.npz") as f:
             outs.append(f["x"])
             assert f["x"].shape == (3, 3, 32, 32)
     assert np.array_equal(outs[0], outs[1])
-    r = runner.invoke(app, ["sample", "--solver", str(toy / "sfd.npz"), "--model", "python:tinytoy:other",
-                            "--out", str(toy / "x"), "--quiet"])
+    r = cli("sample", "--solver", toy / "sfd.npz", "--model", "python:tinytoy:other", "--out", toy / "x", "--quiet")
     assert r.exit_code == 2 and "--force" in r.output
-    r = runner.invoke(app, ["sample", "--solver", str(toy / "sfd.npz"), "--model", "python:tinytoy:other",
-                            "--force", "--out", str(toy / "x"), "--quiet"])
+    r = cli(
+        "sample",
+        "--solver",
+        toy / "sfd.npz",
+        "--model",
+        "python:tinytoy:other",
+        "--force",
+        "--out",
+        toy / "x",
+        "--quiet",
+    )
     assert r.exit_code == 2 and "net.down2.weight" in r.output and "expected" in r.output
 
 
-def test_sfd_v_needs_a_step_condition(toy):
+def test_sfd_v_needs_a_step_condition_and_runs_at_every_nfe(toy, fitted):
     method = students.get("sfd")
-    s, t = students.configs(method, {"method": "sfd", "nfe": 2, "variable": True}, {"iterations": 2, "heldout": 8})
+    s, t = method.configs({"method": "sfd", "nfe": 2, "variable": True}, {"iterations": 2, "heldout": 8})
     cache = TeacherCache.open(toy / "cache")
     with pytest.raises(BadInput, match="step condition"):
         method.fit(cache, resolve("python:tinytoy:plain"), s, t)
     with pytest.raises(BadInput, match="has none"):
         method.fit(cache, resolve("gmm:cifar"), s, t)
-    art = method.fit(cache, resolve("python:tinytoy:make"), s, t)  # accepts one: trains for NFE 2-5
+    model = resolve("python:tinytoy:make")
+    art = method.fit(cache, model, s, t)  # accepts one: trains for NFE 2-5
+    solver = method.load(art, model)
+    x = torch.randn(2, *model.shape) * 80.0
     for nfe in (2, 5):
-        solver = method.load(art, resolve("python:tinytoy:make"), nfe=nfe)
-        assert solver.nfe == nfe and len(solver.grid) == nfe + 2
+        at = solver.at_nfe(nfe)
+        assert at.nfe == nfe and len(at.plan.sigmas) == nfe + 2 and at.step_condition == nfe
+        assert torch.allclose(at.plan.sigmas, student_grid(at.settings, model, nfe))
+        counted = CountingDenoiser(model)
+        at.solve(counted, x)
+        assert counted.calls == nfe and at.den.step_condition == nfe  # the network is told the number of steps
+    fixed_art, fixed_model, _ = fitted  # plain SFD: tuned for its one NFE
+    with pytest.raises(BadInput, match="only SFD-v"):
+        method.load(fixed_art, fixed_model).at_nfe(3)
+
+
+def test_sfd_euler_is_the_handcrafted_euler_with_afs(fitted):
+    """The untrained student samples exactly like `euler+afs` on the student grid with the original network."""
+    art, model, _ = fitted
+    method = students.get("sfd")
+    solver = method.load(method.untrained(art), model)
+    p = plan("euler", 2, model, schedule=",".join(str(v) for v in solver.plan.sigmas.tolist()), afs=True)
+    x = torch.randn(3, *model.shape) * 80.0
+    with torch.no_grad():
+        assert torch.allclose(solver.solve(model, x), p.solve(model, x), atol=1e-5)

@@ -9,31 +9,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from solverdistill.cli import app
+from solverdistill.errors import BadInput
+from solverdistill.generate import initial_noise
 from solverdistill.models import resolve
 from solverdistill.recipes import load_recipe
-from solverdistill.reference import rk4_logsigma
-from solverdistill.sampling import initial_noise
+from solverdistill.solvers.singlestep import rk4_logsigma
 from solverdistill.teacher import TeacherCache
-from solverdistill.teacher.run import run_teacher
+from solverdistill.teacher.run import prepare_teacher, run_teacher
 
-runner = CliRunner()
 FIELDS = ("seeds", "noise", "x", "denoised")
 
 
 def write_recipe(path: Path, cache: Path, **teacher) -> Path:
-    t = {"solver": "dpm++3m", "schedule": "logsnr", "steps": 16, "num_samples": 24, "batch": 4, "seed": 5,
-         "cache": str(cache), "shard_size": 8, **teacher}
+    t = {
+        "solver": "dpm++3m",
+        "schedule": "logsnr",
+        "steps": 16,
+        "num_samples": 24,
+        "batch": 4,
+        "seed": 5,
+        "cache": str(cache),
+        "shard_size": 8,
+        **teacher,
+    }
     model = t.pop("model", "gmm:tiny")
     body = ", ".join(f"{k}: {v}" for k, v in t.items())
     path.write_text(f"name: t\nmodel: {{spec: '{model}'}}\nteacher: {{{body}}}\n")
     return path
-
-
-def cli(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def all_arrays(cache_dir):
@@ -42,7 +45,7 @@ def all_arrays(cache_dir):
     return {k: c.get(k, idx) for k in FIELDS}
 
 
-def test_layout_and_reader(tmp_path):
+def test_layout_and_reader(tmp_path, cli):
     r = cli("teacher", write_recipe(tmp_path / "r.yaml", tmp_path / "c"), "--quiet")
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
@@ -68,6 +71,8 @@ def test_layout_and_reader(tmp_path):
     assert per.shape == (2, 2, 2, 4, 4) and torch.equal(per[1, 1], torch.from_numpy(c.get("x", [2])[0, -1]))
     r = cli("cache", "info", tmp_path / "c")
     assert r.exit_code == 0 and "24" in r.output and "dpm++3m" in r.output
+    r = cli("cache", "info", tmp_path / "nothing")
+    assert r.exit_code == 2 and "no teacher cache here" in r.output
 
 
 def test_interpolation_error_below_1e4_with_default_grid(tmp_path):
@@ -76,8 +81,16 @@ def test_interpolation_error_below_1e4_with_default_grid(tmp_path):
     m = resolve("gmm:tiny", dtype=torch.float64)
     errors = {}
     for steps in (32, 64, 256):
-        rec = load_recipe(write_recipe(tmp_path / f"r{steps}.yaml", tmp_path / f"c{steps}", steps=steps,
-                                       num_samples=6, batch=6, compute_dtype="float64"))
+        rec = load_recipe(
+            write_recipe(
+                tmp_path / f"r{steps}.yaml",
+                tmp_path / f"c{steps}",
+                steps=steps,
+                num_samples=6,
+                batch=6,
+                compute_dtype="float64",
+            )
+        )
         run_teacher(rec)
         c = TeacherCache.open(rec.cache_dir())
         picks = np.arange(0, steps, max(1, steps // 16))
@@ -85,10 +98,15 @@ def test_interpolation_error_below_1e4_with_default_grid(tmp_path):
         got = c.states_at(np.arange(6), mid, dtype=torch.float64)
         # One RK4 pass whose uniform log-sigma steps land exactly on every midpoint (2048 = 8 * 256).
         z = torch.from_numpy(c.get("noise", np.arange(6))).double()
-        hits = {int(round(2048 * (np.log(80.0) - np.log(s)) / np.log(80.0 / 0.002))) - 1: k for k, s in enumerate(mid)}
+        # The callback sees the state before each step: step i starts where i uniform steps have led.
+        hits = {int(round(2048 * (np.log(80.0) - np.log(s)) / np.log(80.0 / 0.002))): k for k, s in enumerate(mid)}
         direct = {}
-        rk4_logsigma(m, 80 * z, 80.0, 0.002, steps=2048,
-                     callback=lambda i, x: direct.__setitem__(hits[i], x) if i in hits else None)
+
+        def keep(step, hits=hits, direct=direct):
+            if step.i in hits:
+                direct[hits[step.i]] = step.x
+
+        rk4_logsigma(m, 80 * z, 80.0, 0.002, steps=2048, callback=keep)
         errors[steps] = max(((got[:, k] - direct[k]).norm() / direct[k].norm()).item() for k in range(len(mid)))
     print("relative interpolation error by teacher steps:", errors)
     assert errors[256] < 1e-4
@@ -105,7 +123,7 @@ def test_same_trajectories_for_different_batch_sizes(tmp_path):
     assert np.allclose(x["x"], y["x"], atol=1e-6, rtol=0) and np.allclose(x["denoised"], y["denoised"], atol=1e-6)
 
 
-def test_extend_and_mismatch(tmp_path):
+def test_extend_and_mismatch(tmp_path, cli):
     rec = write_recipe(tmp_path / "r.yaml", tmp_path / "c")
     assert cli("teacher", rec, "--quiet", "--num", 10).exit_code == 0
     first = all_arrays(tmp_path / "c")
@@ -113,8 +131,13 @@ def test_extend_and_mismatch(tmp_path):
     assert r.exit_code == 0 and "20 integrated now" in r.output
     more = all_arrays(tmp_path / "c")
     assert len(more["seeds"]) == 30 and np.array_equal(more["x"][:10], first["x"])
-    for change, field in ((dict(solver="heun"), "solver"), (dict(steps=20), "grid"), (dict(dtype="float16"), "dtype"),
-                          (dict(model="gmm:tiny,seed=3"), "model"), (dict(seed=0), "seed")):
+    for change, field in (
+        (dict(solver="heun"), "solver"),
+        (dict(steps=20), "grid"),
+        (dict(dtype="float16"), "dtype"),
+        (dict(model="gmm:tiny,seed=3"), "model"),
+        (dict(seed=0), "seed"),
+    ):
         bad = write_recipe(tmp_path / "bad.yaml", tmp_path / "c", **change)
         r = cli("teacher", bad, "--quiet")
         assert r.exit_code == 2 and field in r.output and "--overwrite" in r.output, r.output
@@ -123,7 +146,7 @@ def test_extend_and_mismatch(tmp_path):
     assert TeacherCache.open(tmp_path / "c").spec["seed"] == 0
 
 
-def test_corrupted_shard_detected_and_regenerated(tmp_path):
+def test_corrupted_shard_detected_and_regenerated(tmp_path, cli):
     rec = write_recipe(tmp_path / "r.yaml", tmp_path / "c")
     assert cli("teacher", rec, "--quiet").exit_code == 0
     good = all_arrays(tmp_path / "c")
@@ -144,26 +167,24 @@ def test_corrupted_shard_detected_and_regenerated(tmp_path):
     assert r.exit_code == 0 and "8 integrated now" in r.output
 
 
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
+def test_sigkill_and_resume_is_bit_identical(tmp_path, cli):
     slow = dict(steps=128, num_samples=64, batch=2, shard_size=8)
     rec = write_recipe(tmp_path / "r.yaml", tmp_path / "killed", **slow)
     cmd = [sys.executable, "-m", "solverdistill", "teacher", str(rec), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # like the test processes: no thread fight with the other worker
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     manifest = tmp_path / "killed" / "manifest.json"
     deadline = time.time() + 120
     while time.time() < deadline:
-        if manifest.exists():
-            try:
-                if len(json.loads(manifest.read_text())["shards"]) >= 2:
-                    break
-            except (json.JSONDecodeError, KeyError):
-                pass
+        # The manifest is replaced atomically: a reader never sees half of one.
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            break
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(json.loads(manifest.read_text())["shards"])
     assert 2 <= done < 8, "the kill must land mid-run"
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert p.returncode == 0 and f"{64 - 8 * done} integrated now" in p.stdout, p.stdout + p.stderr
     assert not list((tmp_path / "killed").glob("*.tmp"))
     ref = write_recipe(tmp_path / "r2.yaml", tmp_path / "clean", **slow)
@@ -172,27 +193,40 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in FIELDS)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name: t\nmodel: {spec: gmm:tiny}\nteacher: {stepz: 3}\n", "teacher.stepz: unknown key"),
-    ("name: t\nmodel: {spec: gmm:tiny}\nteacher: {steps: many}\n", "teacher.steps: expected int"),
-    ("name: t\nteacher: {steps: 3}\n", "model.spec: missing"),
-    ("name: t\nmodel: {spec: gmm:tiny}\nteacher: {num_samples: -3}\n", "teacher.num_samples: must be >= 1, got -3"),
-    ("name: t\nmodel: {spec: gmm:tiny\nteacher: {}\n", "line 3"),
-    ("name: t\nmodel: {spec: gmm:tiny}\nteacher: {dtype: int8}\n", "teacher.dtype: must be one of"),
-    ("name: t\nmodel: {spec: '${NO_SUCH_VAR_SDISTILL}/m.pkl'}\n", "NO_SUCH_VAR_SDISTILL"),
-    ("- a\n- b\n", "mapping"),
-])
-def test_bad_recipes_exit_2(tmp_path, text, message):
-    (tmp_path / "r.yaml").write_text(text)
-    r = cli("teacher", tmp_path / "r.yaml", "--quiet", "--cache", tmp_path / "c")
-    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+def test_prepare_teacher_plans_what_is_missing(tmp_path):
+    rec = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "c", num_samples=20))
+    job = prepare_teacher(rec)
+    assert job.missing == 20 and [t[1:] for t in job.todo] == [(0, 8), (8, 8), (16, 4)]
+    ticks = []
+    rep = job.run(progress=ticks.append)
+    assert sum(ticks) == 20 and rep.generated == 20 and rep.reused == 0 and rep.total == 20
+    assert rep.nfe_per_sample == 16 + 1  # dpm++3m: one call per step, plus D at sigma_min for the last point
+    assert prepare_teacher(rec).missing == 0
+    more = load_recipe(tmp_path / "r.yaml", {"teacher.num_samples": 26})
+    job = prepare_teacher(more, model=job.model)  # a model already resolved is used as it is
+    assert job.missing == 6 and [t[1:] for t in job.todo] == [(20, 6)]
+    rep = run_teacher(more, write=False)  # integrates, writes nothing
+    assert rep.generated == 6 and TeacherCache.open(tmp_path / "c").num_samples == 20
 
 
-def test_env_expansion_and_overrides(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDISTILL_TEST_DIR", str(tmp_path / "envcache"))
-    (tmp_path / "r.yaml").write_text("name: t\nmodel: {spec: gmm:tiny}\n"
-                                     "teacher: {cache: '${SDISTILL_TEST_DIR}', steps: 8, num_samples: 100}\n")
-    r = cli("teacher", tmp_path / "r.yaml", "--quiet", "--num", 3, "--batch", 2)
-    assert r.exit_code == 0, r.output
-    assert TeacherCache.open(tmp_path / "envcache").num_samples == 3
-    assert cli("cache", "info", tmp_path / "nothing").exit_code == 2
+def test_cache_split_start_endpoints_and_summary(tmp_path):
+    rec = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "c", num_samples=20, compute_dtype="float64"))
+    run_teacher(rec)
+    c = TeacherCache.open(tmp_path / "c")
+    train, held = c.split(5, 4)
+    assert train.tolist() == [0, 1, 2, 3, 4] and held.tolist() == [16, 17, 18, 19]
+    train, held = c.split(0, 4)  # 0: every trajectory not held out
+    assert train.tolist() == list(range(16)) and not set(train) & set(held)
+    for samples, heldout, key in ((17, 4, "exceeds the 20 cached"), (1, 0, "train.heldout: must be >= 1")):
+        with pytest.raises(BadInput, match=key):
+            c.split(samples, heldout)
+    m = resolve("gmm:tiny", dtype=torch.float64)
+    x, cond = c.start([2, 7], m)
+    assert cond is None and x.dtype == torch.float64
+    assert torch.equal(x, torch.from_numpy(c.get("noise", [2, 7])).double() * 80.0)
+    assert torch.allclose(x.float(), torch.from_numpy(c.get("x", [2, 7])[:, 0]))
+    ends = c.endpoints([19, 3])
+    assert ends.dtype == torch.float64 and torch.equal(ends, torch.from_numpy(c.get("x", [19, 3])[:, -1]).double())
+    rows = dict(c.summary())
+    assert rows["solver"] == "dpm++3m" and rows["samples"].startswith("20 (seeds 5..24)")
+    assert rows["grid"].startswith("logsnr, 16 steps") and rows["shards"] == "3 in use, 0 bad"

@@ -65,7 +65,8 @@ class CoefficientSource:
 
     def first_sigma(self) -> float:
         """The time every sample starts at (where an analytical first step is taken)."""
-        return float(self.sigma(0))
+        s = self.sigma(0)
+        return float(s.reshape(-1)[0]) if isinstance(s, torch.Tensor) else float(s)  # a [B] grid starts as one
 
     def query(self, i: int) -> Sigma:
         """The time the network is asked at for x_i (DLMS's time scaling moves it); the state's own by default."""

@@ -1,0 +1,162 @@
+"""solverdistill.recipes: validation that names the key path, CLI overrides, ${ENV} expansion, and every shipped
+recipe (with its student and train sections checked by the method that reads them)."""
+
+from pathlib import Path
+
+import pytest
+
+from solverdistill import students
+from solverdistill.errors import BadInput
+from solverdistill.pipeline import method_configs
+from solverdistill.recipes import Recipe, TeacherSection, load_recipe
+from solverdistill.teacher import TeacherCache
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_types(tmp_path):
+    rec = load_recipe(write(tmp_path, "model: {spec: gmm:tiny}\nteacher: {steps: 8}\n"))
+    assert isinstance(rec, Recipe) and rec.name == "recipe" and rec.path == str(tmp_path / "r.yaml")
+    assert rec.teacher == TeacherSection(steps=8)
+    assert rec.student == {} and rec.train == {} and rec.output == ""
+    assert str(rec.cache_dir()) == "cache/recipe"  # teacher.cache defaults to cache/NAME
+    rec = load_recipe(write(tmp_path, "name: q\nmodel: {spec: gmm:tiny}\nstudent: {method: dlms}\n"))
+    assert str(rec.cache_dir()) == "cache/q" and rec.student == {"method": "dlms"}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: t\nmodel: {spec: gmm:tiny}\nteacher: {stepz: 3}\n", "teacher.stepz: unknown key; known keys: solver"),
+        ("name: t\nmodel: {spec: gmm:tiny}\nteacher: {steps: many}\n", "teacher.steps: expected int, got 'many'"),
+        ("name: t\nmodel: {spec: gmm:tiny}\nteacher: {steps: true}\n", "teacher.steps: expected int, got True"),
+        ("name: t\nmodel: {spec: gmm:tiny}\nteacher: {steps: 2.5}\n", "teacher.steps: expected int, got 2.5"),
+        ("name: t\nteacher: {steps: 3}\n", "model.spec: missing"),
+        ("name: t\nmodel: {spec: gmm:tiny}\nteacher: {num_samples: -3}\n", "teacher.num_samples: must be >= 1, got -3"),
+        ("name: t\nmodel: {spec: gmm:tiny\nteacher: {}\n", "malformed YAML at line 3"),
+        (
+            "name: t\nmodel: {spec: gmm:tiny}\nteacher: {dtype: int8}\n",
+            "teacher.dtype: must be one of float32, float16",
+        ),
+        ("name: t\nmodel: {spec: '${NO_SUCH_VAR_SDISTILL}/m.pkl'}\n", "model.spec: environment variable NO_SUCH_VAR"),
+        ("name: t\nmodel: gmm:tiny\n", "model: expected a mapping, got str"),
+        ("name: t\nmodel: {spec: gmm:tiny}\nstudent: [dlms]\n", "student: expected a mapping, got list"),
+        ("name: t\nmodel: {spec: gmm:tiny}\nmodle: {}\n", "modle: unknown key"),
+        ("- a\n- b\n", "a recipe is a mapping of sections"),
+    ],
+)
+def test_bad_recipes_name_the_key_path(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(BadInput, match=message.replace("[", r"\[")) as e:
+        load_recipe(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_bad_recipe_exits_2_on_the_command_line(tmp_path, cli):
+    path = write(tmp_path, "name: t\nmodel: {spec: gmm:tiny}\nteacher: {num_samples: -3}\n")
+    r = cli("teacher", path, "--quiet", "--cache", tmp_path / "c")
+    assert r.exit_code == 2 and "teacher.num_samples: must be >= 1, got -3" in r.output
+    assert "Traceback" not in r.output
+    r = cli("teacher", tmp_path / "missing.yaml", "--quiet")
+    assert r.exit_code == 2 and "cannot read the recipe" in r.output
+
+
+def test_float_keys_take_ints(tmp_path):
+    path = write(tmp_path, "model: {spec: gmm:tiny}\nstudent: {method: sfd}\ntrain: {lr: 1}\n")
+    _, _, train = method_configs(load_recipe(path), say=lambda m: None)
+    assert train.lr == 1.0 and isinstance(train.lr, float)
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, "name: t\nmodel: {spec: gmm:tiny}\nteacher: {steps: 8, num_samples: 100}\n")
+    rec = load_recipe(
+        path, {"teacher.num_samples": 10, "teacher.batch": None, "train.samples": 5, "model.spec": "gmm:cifar"}
+    )
+    assert rec.teacher.num_samples == 10 and rec.teacher.steps == 8
+    assert rec.teacher.batch == TeacherSection().batch  # None: not given, not an override
+    assert rec.train == {"samples": 5} and rec.model.spec == "gmm:cifar"  # a missing section is created
+    with pytest.raises(BadInput, match="teacher.num_samples: must be >= 1, got 0"):
+        load_recipe(path, {"teacher.num_samples": 0})  # overrides are validated like the file
+    text = path.read_text()
+    assert load_recipe(path).teacher.num_samples == 100 and path.read_text() == text  # the file is untouched
+
+
+def test_cli_overrides_reach_the_teacher(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("SDISTILL_TEST_DIR", str(tmp_path / "envcache"))
+    path = write(
+        tmp_path,
+        "name: t\nmodel: {spec: gmm:tiny}\nteacher: {cache: '${SDISTILL_TEST_DIR}', steps: 8, num_samples: 100}\n",
+    )
+    r = cli("teacher", path, "--quiet", "--num", 3, "--batch", 2)
+    assert r.exit_code == 0, r.output
+    assert TeacherCache.open(tmp_path / "envcache").num_samples == 3  # ${ENV} expanded, --num overrode 100
+
+
+def test_env_expansion(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDISTILL_A", "/models")
+    monkeypatch.setenv("SDISTILL_B", "x")
+    rec = load_recipe(
+        write(
+            tmp_path,
+            "name: '${SDISTILL_B}y'\nmodel: {spec: 'edm:${SDISTILL_A}/${SDISTILL_B}.pkl'}\n"
+            "teacher: {cache: '$SDISTILL_A/{x}'}\n",
+        )
+    )
+    assert rec.model.spec == "edm:/models/x.pkl" and rec.name == "xy"
+    assert rec.teacher.cache == "$SDISTILL_A/{x}"  # only ${NAME} expands
+    # Expansion happens in every string key, including those of the method's sections.
+    rec = load_recipe(write(tmp_path, "model: {spec: gmm:tiny}\nstudent: {method: dode, base: '${SDISTILL_B}'}\n"))
+    monkeypatch.delenv("SDISTILL_B")
+    with pytest.raises(BadInput, match="student.base: environment variable SDISTILL_B is not set"):
+        students.get("dode").configs(rec.student, rec.train)
+
+
+def test_student_and_train_keys_are_checked_by_their_method(tmp_path, cli):
+    path = write(
+        tmp_path,
+        "name: t\nmodel: {spec: gmm:tiny}\nteacher: {steps: 4, num_samples: 4, cache: "
+        f"'{tmp_path / 'c'}'}}\nstudent: {{method: dlms, nfe: 4, ordr: 3}}\n",
+    )
+    r = cli("distill", path, "--quiet")
+    assert r.exit_code == 2 and "student.ordr: unknown key" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "c").exists()  # validated before any work
+    r = cli("distill", path, "--method", "magic", "--quiet")
+    assert r.exit_code == 2 and "student.method: unknown method 'magic'" in r.output
+    method = students.get("dlms")
+    with pytest.raises(BadInput, match="train.lr_decay: must be one of cosine, none"):
+        method.configs({"method": "dlms"}, {"lr_decay": "step"})
+    with pytest.raises(BadInput, match="train.heldout: must be >= 1, got 0"):
+        method.configs({"method": "dlms"}, {"heldout": 0})
+    with pytest.raises(BadInput, match="student.method: unknown method 'magic'"):
+        students.get("magic")
+
+
+def test_switching_methods_keeps_the_keys_the_other_method_knows(tmp_path):
+    path = write(
+        tmp_path,
+        "model: {spec: gmm:tiny}\nstudent: {method: dlms, nfe: 4, order: 3}\n"
+        "train: {iterations: 7, samples: 20, heldout: 9}\n",
+    )
+    said = []
+    method, s, t = method_configs(load_recipe(path), "dode", 6, say=said.append)
+    assert method.name == "dode" and s.method == "dode" and s.nfe == 6 and s.base == "dpm++3m"
+    assert (t.samples, t.heldout) == (20, 9)  # dode has no `iterations` or `order`: dropped, and said so
+    assert len(said) == 1 and "--method dode" in said[0]
+
+
+def test_every_shipped_recipe_validates(monkeypatch):
+    monkeypatch.setenv("SDISTILL_MODELS", "/models")
+    paths = sorted((REPO / "recipes").glob("*.yaml"))
+    assert len(paths) >= 7
+    for path in paths:
+        rec = load_recipe(path)
+        assert rec.model.spec and "${" not in rec.model.spec
+        method = students.get(rec.student["method"])
+        student, train = method.configs(rec.student, rec.train)
+        assert student.method == method.name and train.heldout >= 1
