@@ -29,10 +29,11 @@ def handled(fn):
         try:
             return fn(*args, **kwargs)
         except BadInput as e:
-            err.print(Text("error: ", style="bold red") + Text(str(e)), highlight=False)
+            # One line, never wrapped: a message stays greppable and its paths whole in a log or a narrow terminal.
+            err.print(Text("error: ", style="bold red") + Text(str(e)), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except RunFailed as e:
-            err.print(Text("failed: ", style="bold red") + Text(str(e)), highlight=False)
+            err.print(Text("failed: ", style="bold red") + Text(str(e)), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

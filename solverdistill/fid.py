@@ -8,7 +8,9 @@ StyleGAN2-ADA metrics; clean-fid's `InceptionV3W` wraps the same file) is read f
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +102,6 @@ class InceptionFeatures:
     def __init__(self, path: Path, mode: str = "legacy_tensorflow", device: torch.device | str = "cpu") -> None:
         if mode not in ("legacy_tensorflow", "clean"):
             raise BadInput(f"--mode: expected legacy_tensorflow or clean, got {mode!r}")
-        import warnings
-
         try:
             with warnings.catch_warnings():  # TorchScript is deprecated upstream, but it is the published format
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -140,11 +140,25 @@ def clean_resize(x: torch.Tensor, size: int = 299) -> torch.Tensor:
 # --- where images and reference statistics come from ----------------------------------------------------------
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image; FID sets are 32x32 to 1024x1024, a bigger one is a grid or a photo
+# Pixel features need a D x D float64 covariance: 16384 values (3x73x73, 4x64x64 latents) is 2 GiB already.
+MAX_PIXEL_FEATURES = 16384
 
 
-def iter_images(source: str, batch: int) -> Iterator[torch.Tensor]:
+def _too_many_values(where: object, shape: tuple[int, ...]) -> BadInput:
+    d = math.prod(shape)
+    return BadInput(
+        f"{where}: {'x'.join(map(str, shape))} = {d} values per sample; pixel statistics need a {d} x {d} "
+        f"covariance ({d * d * 8 / 2**30:.3g} GiB), so --features pixels takes at most {MAX_PIXEL_FEATURES} "
+        "values per sample; use --features inception"
+    )
+
+
+def iter_images(source: str, batch: int, max_values: int | None = None) -> Iterator[torch.Tensor]:
     """Batches of uint8 [B, C, H, W] from a samples.npz (`images` if present, else `x`, in [-1, 1]) or a folder
-    of PNG/JPEG files (sorted by name). Reads lazily: memory does not grow with the number of samples."""
+    of PNG/JPEG files (sorted by name). Reads lazily: memory does not grow with the number of samples. Each
+    image's size is checked from its header before it is decoded (at most MAX_IMAGE_PIXELS, all one size, and
+    at most `max_values` numbers per image when given)."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(source)
@@ -157,17 +171,30 @@ def iter_images(source: str, batch: int) -> Iterator[torch.Tensor]:
             arrs = []
             for f in files[b : b + batch]:
                 try:
-                    with Image.open(f) as im:
+                    with warnings.catch_warnings():  # PIL's bomb warning is moot: MAX_IMAGE_PIXELS is lower
+                        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                        im = Image.open(f)  # reads the header only; convert() decodes
+                    with im:
+                        w, h = im.size
+                        if w * h > MAX_IMAGE_PIXELS:
+                            raise BadInput(
+                                f"{f}: a {w}x{h} image; images for FID have at most {MAX_IMAGE_PIXELS} pixels "
+                                "(4096x4096); is it a grid of samples?"
+                            )
+                        if size is None:
+                            size, first = (w, h), f
+                            if max_values is not None and w * h * 3 > max_values:
+                                raise _too_many_values(f, (3, h, w))
+                        elif (w, h) != size:
+                            raise BadInput(
+                                f"{f}: image size {w}x{h} differs from {first.name}'s {size[0]}x{size[1]}; "
+                                "all images must have one size"
+                            )
                         a = np.asarray(im.convert("RGB"))
+                except Image.DecompressionBombError as e:  # too big for PIL even to open
+                    raise BadInput(f"{f}: too large an image for FID ({e})") from None
                 except (UnidentifiedImageError, OSError) as e:
                     raise BadInput(f"{f}: unreadable image ({e})") from None
-                if size is None:
-                    size = a.shape
-                elif a.shape != size:
-                    raise BadInput(
-                        f"{f}: image size {a.shape[1]}x{a.shape[0]} differs from the first image's "
-                        f"{size[1]}x{size[0]}; all images must have one size"
-                    )
                 arrs.append(a)
             yield torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
         return
@@ -179,13 +206,15 @@ def iter_images(source: str, batch: int) -> Iterator[torch.Tensor]:
     x = arrays.get("images", arrays.get("x"))
     if x is None or x.ndim != 4:
         raise BadInput(f"{p}: expected an array 'x' (or 'images') of shape [N, C, H, W]")
+    if max_values is not None and math.prod(x.shape[1:]) > max_values:
+        raise _too_many_values(p, tuple(x.shape[1:]))
     for b in range(0, len(x), batch):
         yield to_uint8_nchw(torch.from_numpy(np.asarray(x[b : b + batch])))
 
 
 def iter_pixels(source: str, batch: int) -> Iterator[torch.Tensor]:
     """Raw sample values, flattened, float64 (no quantisation) from a samples.npz; images from a folder map
-    to [-1, 1]."""
+    to [-1, 1]. At most MAX_PIXEL_FEATURES values per sample (the covariance is D x D)."""
     p = Path(source)
     if p.is_file() and p.suffix == ".npz":
         from .npzfiles import read_npz
@@ -194,10 +223,12 @@ def iter_pixels(source: str, batch: int) -> Iterator[torch.Tensor]:
         x = arrays.get("images", arrays.get("x"))
         if x is None:
             raise BadInput(f"{p}: expected an array 'x'")
+        if math.prod(x.shape[1:]) > MAX_PIXEL_FEATURES:
+            raise _too_many_values(p, tuple(x.shape[1:]))
         for b in range(0, len(x), batch):
             yield torch.from_numpy(np.asarray(x[b : b + batch], dtype=np.float64)).flatten(1)
         return
-    for u8 in iter_images(source, batch):
+    for u8 in iter_images(source, batch, max_values=MAX_PIXEL_FEATURES):
         yield (u8.to(torch.float64) - 127.5) / 127.5
 
 
@@ -318,6 +349,16 @@ def _is_samples(p: Path) -> bool:
         return "mu" not in f.files and ("x" in f.files or "images" in f.files)
 
 
+def check_options(features: str, mode: str, batch: int) -> None:
+    """The flags every FID job shares, checked before any work."""
+    if features not in FEATURES:
+        raise BadInput(f"--features: expected one of {', '.join(FEATURES)}, got {features!r}")
+    if mode not in ("legacy_tensorflow", "clean"):
+        raise BadInput(f"--mode: expected legacy_tensorflow or clean, got {mode!r}")
+    if batch < 1:
+        raise BadInput(f"--batch: must be >= 1, got {batch}")
+
+
 def run_fid(
     samples: str,
     ref: str,
@@ -328,12 +369,7 @@ def run_fid(
     inception: str | None,
     progress: Callable[..., Any] | None = None,
 ) -> FIDResult:
-    if features not in FEATURES:
-        raise BadInput(f"--features: expected one of {', '.join(FEATURES)}, got {features!r}")
-    if mode not in ("legacy_tensorflow", "clean"):
-        raise BadInput(f"--mode: expected legacy_tensorflow or clean, got {mode!r}")
-    if batch < 1:
-        raise BadInput(f"--batch: must be >= 1, got {batch}")
+    check_options(features, mode, batch)
     mu_r, sig_r, where = reference_stats(ref, features, mode, batch, device, inception)
     s = compute_stats(samples, features, mode, batch, device, inception, progress)
     return FIDResult(frechet_distance(s.mean(), s.cov(), mu_r, sig_r), s.n, features, mode, where)
@@ -342,11 +378,21 @@ def run_fid(
 def make_ref(
     images: str, out: str, features: str, mode: str, batch: int, device: torch.device | str, inception: str | None
 ) -> tuple[Path, int]:
+    """Reference statistics of `images` written to exactly `out` (a .npz path, checked before any work)."""
+    from .pipeline import check_output
+
+    check_options(features, mode, batch)
+    path = check_output(Path(out), "--out")
+    if path.suffix != ".npz":  # `--ref` recognises a statistics file by it, and np.savez would append it
+        raise BadInput(f"--out: a statistics file ends in .npz, got {str(path)!r}")
     s = compute_stats(images, features, mode, batch, device, inception)
-    path = Path(out)
+    tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, mu=s.mean(), sigma=s.cov())
+        with open(tmp, "wb") as f:  # a file object: np.savez writes it as it is, no suffix added
+            np.savez(f, mu=s.mean(), sigma=s.cov())
+        os.replace(tmp, path)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         raise BadInput(f"--out: cannot write {str(path)!r}: {e.strerror or e}") from None
     return path, s.n

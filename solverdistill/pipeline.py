@@ -5,6 +5,7 @@ resolved once and its cache opened once per command."""
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,9 +14,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import artifacts, students
 from .devices import resolve_device, resolve_dtype
+from .errors import BadInput
 from .evaluation import heldout_rmse
 from .models import resolve
-from .recipes import Recipe
+from .recipes import Recipe, outside_note, path_notes, shown
 from .solvers import get as get_solver
 from .solvers import sweep
 from .teacher import TeacherCache
@@ -62,6 +64,8 @@ def open_workspace(
     recipe: Recipe, device: str = "auto", say: Say = print, progress_factory: ProgressFactory = no_progress
 ) -> Workspace:
     """Resolve the recipe's model on `device` (in teacher.compute_dtype) and open (or build) its cache."""
+    for note in path_notes(recipe):
+        say(note)
     model = resolve(recipe.model.spec, device=resolve_device(device), dtype=resolve_dtype(recipe.teacher.compute_dtype))
     cache, built = teacher_cache(recipe, model, say, progress_factory)
     return Workspace(recipe, model, cache, built)
@@ -73,7 +77,9 @@ def method_configs(
     """The student method and its validated `student` / `train` settings for this recipe, without changing the
     recipe. `method_name` switches methods (keeping the recipe keys the other method knows); `nfe` overrides
     student.nfe."""
-    own = str(recipe.student.get("method", "dlms"))
+    own = recipe.student.get("method", "dlms")
+    if not isinstance(own, str) or len(own) > 100:
+        raise BadInput(f"student.method: expected a method name, got {shown(own)}")
     method = students.get(method_name or own)
     student, train = dict(recipe.student), dict(recipe.train)
     if method.name != own:
@@ -101,6 +107,24 @@ class DistillReport:
     metrics: dict = field(default_factory=dict)
 
 
+def check_output(path: Path, flag: str) -> Path:
+    """Fail (bad input naming `flag`) when `path` cannot become a file: it is a folder, a parent is a file, or the
+    nearest existing folder refuses a new file. Creates nothing, so a run that fails later leaves no folder."""
+    if path.is_dir():
+        raise BadInput(f"{flag}: {str(path)!r} is a folder; give the file to write (e.g. {path / 'a.npz'})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"{flag}: cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise BadInput(f"{flag}: cannot write {str(path)!r}: {str(parent)!r}: {e.strerror or e}") from None
+    return path
+
+
 def distill(
     recipe: Recipe,
     *,
@@ -115,6 +139,12 @@ def distill(
     handcrafted solver at its NFE on the held-out seeds, and save the artifact with those metrics."""
     began = time.time()
     method, s_cfg, t_cfg = method_configs(recipe, method_name, nfe, say)
+    # The output place is checked before the teacher and the training, which can take hours.
+    flag = "--out" if out else "output"  # an empty output is out/NAME_METHOD.npz
+    path = check_output(Path(out or recipe.output or f"out/{recipe.name}_{method.name}.npz"), flag)
+    note = outside_note(recipe, flag, path)
+    if note:
+        say(note)
     ws = workspace or open_workspace(recipe, t_cfg.device, say, progress_factory)
     model, cache = ws.model, ws.cache
     _, held = cache.split(t_cfg.samples, t_cfg.heldout)
@@ -140,7 +170,7 @@ def distill(
         "teacher_samples": cache.num_samples,
         "student_nfe": s_cfg.nfe,
     }
-    path = artifacts.save(artifact, out or recipe.output or f"out/{recipe.name}_{method.name}.npz")
+    path = artifacts.save(artifact, path)
     rows = [
         (f"{method.name} (this artifact)", student_rmse),
         ("initial / base solver", initial),

@@ -46,10 +46,15 @@ def load_solver(
             raise BadInput(f"--schedule: {solver} brings its own grid; drop --schedule")
         if nfe is not None and nfe != int(art.meta["nfe"]):
             raise BadInput(f"--nfe: {solver} was distilled for NFE {art.meta['nfe']}, not {nfe}; drop --nfe")
-        spec = model_spec or art.meta.get("model")
-        if not spec:
-            raise BadInput(f"--model: required; {solver} does not name its model")
-        den = resolve(spec, device=device, dtype=dtype)
+        if art.method not in students.names():  # before the model is loaded: the method decides the rest
+            raise BadInput(
+                f"{solver}: meta.method: unknown method {art.method!r}; installed methods are "
+                f"{', '.join(students.names())} (a plugin's method needs its package installed)"
+            )
+        if model_spec:
+            den = resolve(model_spec, device=device, dtype=dtype)
+        else:
+            den = model_of(solver, art, device, dtype)
         artifacts.check_model(art, den.fingerprint, force)
         method = students.get(art.method)
         return den, method.load(art, den), {"artifact": str(solver), "method": art.method}
@@ -58,6 +63,24 @@ def load_solver(
     den = resolve(model_spec, device=device, dtype=dtype)
     p = plan(solver, DEFAULT_NFE if nfe is None else nfe, den, schedule, afs, lower_order_final=lower_order_final)
     return den, p, {"schedule": schedule or p.info.default_schedule}
+
+
+def model_of(
+    solver: str, art: artifacts.Artifact, device: torch.device | str | None, dtype: torch.dtype | None
+) -> Denoiser:
+    """The model an artifact names in meta.model. It comes from a file, not from the user: a spec whose backend
+    could run code to load it (python:, edm:, a diffusers folder with pickled weights) is refused by `resolve`."""
+    spec = art.meta.get("model")
+    if not spec:
+        raise BadInput(f"--model: required; {solver} does not name its model")
+    try:
+        return resolve(spec, device=device, dtype=dtype, source=f"{solver}: meta.model")
+    except BadInput as e:
+        message = str(e)
+        if message.startswith(f"{solver}: "):
+            raise
+        message = message.removeprefix(f"--model {spec}: ")  # the backend's wording assumes a --model flag
+        raise BadInput(f"{solver}: meta.model {spec!r}: {message}") from None
 
 
 def with_options(spec: str | None, **options: Any) -> str | None:
@@ -108,6 +131,7 @@ def run_sample(
     per_sample = getattr(sol, "per_sample_grid", False)
     with progress as bar:
         res = generate(den, sol, seeds, batch=batch, progress=bar, callback=keep_grid if per_sample else None)
+    refuse_non_finite(res.x, solver, den.spec, num)
     meta = {
         "format": "sdistill-samples",
         "version": __version__,
@@ -134,6 +158,7 @@ def run_sample(
                 [den.decode(part.to(den.device)).float().cpu() for part in res.x.split(batch)]
             ).numpy()
         shown_x = arrays["images"]
+        refuse_non_finite(torch.from_numpy(shown_x), solver, den.spec, num, "decoded images")
     write_npz(out / "samples.npz", meta, **arrays)
     pictures = save_pictures(shown_x, out, png_each=png, title=f"{meta['solver']}, NFE {res.nfe}")
     shown = ", ".join(str(pth) for pth in [out / "samples.npz", *pictures])
@@ -141,6 +166,17 @@ def run_sample(
         f"{num} samples, {meta['solver']}, NFE {res.nfe} ({res.network_passes} network passes), "
         f"{'AFS, ' if meta.get('afs') else ''}{meta.get('steps', '?')} steps -> {shown}"
     )
+
+
+def refuse_non_finite(x: torch.Tensor, solver: str, model: str, num: int, what: str = "samples") -> None:
+    """NaN or inf in the output means a broken solver (or weights), not samples: say so and write nothing."""
+    bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).sum()) if len(x) else 0
+    if bad:
+        who = solver if is_artifact(solver) else f"--solver {solver}"
+        raise BadInput(
+            f"{who}: {bad} of {num} {what} hold NaN or infinite values with model {model}; the solver (or its "
+            "weights) is unusable for this model, so nothing was written"
+        )
 
 
 def per_sample_grids(records: list[tuple[int, torch.Tensor, torch.Tensor]], num: int) -> torch.Tensor:

@@ -126,7 +126,19 @@ def teacher_dode_sample():
         for args in (
             ["teacher", recipe, "--quiet"],
             ["distill", recipe, "--quiet"],
-            ["sample", "--solver", tmp_path / "dode.yaml", "--num", num, "--out", tmp_path / "s", "--quiet"],
+            # The model is named here: a spec read from an artifact is never loaded when loading runs code (edm:).
+            [
+                "sample",
+                "--solver",
+                tmp_path / "dode.yaml",
+                "--model",
+                spec,
+                "--num",
+                num,
+                "--out",
+                tmp_path / "s",
+                "--quiet",
+            ],
         ):
             r = run_cli(*args)
             assert r.exit_code == 0, (args[0], r.output)

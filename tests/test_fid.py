@@ -162,3 +162,64 @@ def test_engine_entry_points(tmp_path, inception):
         args = {"features": "pixels", "mode": "clean", "batch": 4, **kw}
         with pytest.raises(BadInput, match=message):
             run_fid(str(tmp_path / "a"), "gmm:ring2d", args["features"], args["mode"], args["batch"], "cpu", None)
+
+
+# --- issue 12, item 10: --make-ref writes exactly --out, and sizes are checked from the image headers --------------
+
+
+def flat(text):
+    """Text without whitespace: the CLI's messages wrap at the terminal width, anywhere in a long path."""
+    return "".join(text.split())
+
+
+def forged_png(path, width, height):
+    """A PNG whose header claims width x height (a tiny image with its IHDR rewritten): PIL reports the size
+    without decoding, and decoding it would allocate width * height * 3 bytes."""
+    import struct
+    import zlib
+
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    path.write_bytes(bytes(data))
+
+
+def test_make_ref_writes_exactly_the_out_path(tmp_path, cli):
+    write_images(tmp_path / "imgs", 3)
+    (tmp_path / "existing").mkdir()
+    r = cli("fid", "--make-ref", tmp_path / "imgs", "--out", tmp_path / "existing", "--features", "pixels")
+    assert r.exit_code == 2 and flat(f"--out: '{tmp_path / 'existing'}' is a folder") in flat(r.output)
+    r = cli("fid", "--make-ref", tmp_path / "imgs", "--out", tmp_path / "ref", "--features", "pixels")
+    assert r.exit_code == 2 and "--out: a statistics file ends in .npz" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "imgs"]  # nothing written anywhere
+    assert list((tmp_path / "existing").iterdir()) == []
+    r = cli("fid", "--make-ref", tmp_path / "imgs", "--out", tmp_path / "sub" / "ref.npz", "--features", "pixels")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith(f"wrote {tmp_path / 'sub' / 'ref.npz'} (3 images")
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["ref.npz"]  # no .tmp left, no .npz.npz
+
+
+@pytest.mark.parametrize("features", ["pixels", "inception"])
+def test_image_sizes_are_checked_from_the_header_before_decoding(tmp_path, cli, inception, features):
+    write_images(tmp_path / "imgs", 2)
+    args = ("--features", features, "--inception", inception)
+    for side, message in ((5000, "a 5000x5000 image; images for FID have at most"), (10**5, "too large an image")):
+        forged_png(tmp_path / "imgs" / "big.png", side, side)  # 75 MB and 30 GB decoded
+        r = cli("fid", "--make-ref", tmp_path / "imgs", "--out", tmp_path / "ref.npz", *args)
+        assert r.exit_code == 2 and flat(f"{tmp_path / 'imgs' / 'big.png'}: {message}") in flat(r.output)
+    (tmp_path / "imgs" / "big.png").unlink()
+    forged_png(tmp_path / "imgs" / "zz.png", 9, 8)
+    r = cli("fid", "--make-ref", tmp_path / "imgs", "--out", tmp_path / "ref.npz", *args)
+    assert r.exit_code == 2 and flat("zz.png: image size 9x8 differs from 000.png's 8x8") in flat(r.output)
+    assert not (tmp_path / "ref.npz").exists()
+
+
+def test_pixel_features_of_large_images_are_refused_before_the_covariance(tmp_path, cli):
+    """A 256x256 grid image: pixel statistics would need a 196608 x 196608 covariance (309 GB)."""
+    write_images(tmp_path / "grid", 2, size=(256, 256))
+    r = cli("fid", "--make-ref", tmp_path / "grid", "--out", tmp_path / "ref.npz", "--features", "pixels")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert flat(f"{tmp_path / 'grid' / '000.png'}: 3x256x256 = 196608 values per sample") in flat(r.output)
+    assert flat("(288 GiB)") in flat(r.output) and flat("use --features inception") in flat(r.output)

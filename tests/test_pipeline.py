@@ -1,6 +1,7 @@
 """solverdistill.pipeline: the teacher cache built or reused, the workspace, and `distill`'s report and metrics."""
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,3 +77,48 @@ def test_distill_switches_method_and_nfe(recipe, tmp_path):
     assert rep.method == "dlms" and art.method == "dlms" and art.meta["nfe"] == 2 and rep.teacher_built
     assert art.meta["training"]["iterations"] == 2 and art.meta["training"]["samples"] == 8  # 12 less 4 validation
     assert any("--method dlms" in s for s in said)
+
+
+def flat(text):
+    """Text without whitespace: the CLI's messages wrap at the terminal width, anywhere in a long path."""
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file", "recipe_output_folder"])
+def test_distill_checks_its_output_before_any_work(tmp_path, cli, recipe_file, where):
+    """Issue 12, item 7: an unwritable output is exit 2 naming the path, before the teacher or the training."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    output = tmp_path / ("adir" if where == "recipe_output_folder" else "fine.npz")
+    path = recipe_file(
+        tmp_path / "r.yaml",
+        teacher={"steps": 4, "num_samples": 8, "cache": str(tmp_path / "c")},
+        student={"method": "dode", "nfe": 3},
+        output=output,
+    )
+    flag = {"folder": ["--out", tmp_path / "adir"], "under_a_file": ["--out", tmp_path / "afile" / "a.npz"]}
+    r = cli("distill", path, "--quiet", *flag.get(where, []))
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    want = {
+        "folder": f"--out: '{tmp_path / 'adir'}' is a folder",
+        "under_a_file": f"'{tmp_path / 'afile'}' is a file, not a folder",
+        "recipe_output_folder": f"output: '{tmp_path / 'adir'}' is a folder",
+    }[where]
+    assert flat(want) in flat(r.output), r.output
+    assert not (tmp_path / "c").exists()  # no teacher work was done
+    assert list((tmp_path / "adir").iterdir()) == [] and not (tmp_path / "adir.npz").exists()
+
+
+def test_distill_says_where_an_output_outside_lands(recipe, tmp_path, monkeypatch):
+    for d in ("proj", "recipes"):
+        (tmp_path / d).mkdir()
+    moved = tmp_path / "recipes" / "r.yaml"
+    moved.write_text(Path(recipe.path).read_text())
+    monkeypatch.chdir(tmp_path / "proj")
+    said = []
+    rep = distill(load_recipe(moved, {"output": "../elsewhere/a.npz"}), say=said.append)
+    assert rep.path.resolve() == tmp_path / "elsewhere" / "a.npz" and rep.path.is_file()
+    assert [s for s in said if s.startswith("note:")] == [
+        f"note: output '../elsewhere/a.npz' resolves to {tmp_path / 'elsewhere' / 'a.npz'}, outside the recipe's "
+        "folder and the current directory"
+    ]

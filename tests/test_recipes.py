@@ -8,7 +8,7 @@ import pytest
 from solverdistill import students
 from solverdistill.errors import BadInput
 from solverdistill.pipeline import method_configs
-from solverdistill.recipes import Recipe, TeacherSection, load_recipe
+from solverdistill.recipes import Recipe, TeacherSection, load_recipe, outside_note, path_notes
 from solverdistill.teacher import TeacherCache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,3 +160,106 @@ def test_every_shipped_recipe_validates(monkeypatch):
         method = students.get(rec.student["method"])
         student, train = method.configs(rec.student, rec.train)
         assert student.method == method.name and train.heldout >= 1
+
+
+# --- issue 12, item 6: recipes that exhaust memory or escape ---------------------------------------------------------
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8)
+)
+OK = "name: t\nmodel: {spec: gmm:tiny}\n"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (BOMB + OK, "line 2, column 8: aliases \\(\\*name\\) are not allowed in recipes"),  # 9^9 elements if expanded
+        (OK + "teacher: {steps: 1000000000000}\n", "teacher.steps: must be <= 100000, got 1000000000000"),
+        (OK + "teacher: {num_samples: 10000000000}\n", "teacher.num_samples: must be <= 100000000"),
+        (OK + "teacher: {shard_size: 10000000000}\n", "teacher.shard_size: must be <= 100000"),
+        (OK + "teacher: {seed: 1180591620717411303424}\n", "teacher.seed: must be <= 1000000000000000"),
+        (OK + "teacher: {seed: " + "9" * 5000 + "}\n", "line 3, column 17: an integer of 5000 characters"),
+        (OK + "teacher: {steps: .inf}\n", "teacher.steps: expected int, got inf"),
+        (OK + "teacher: {solver: " + "x" * 200_000 + "}\n", "teacher.solver: too long \\(200000 characters, at most"),
+        (
+            OK + "teacher: {cache: " + "x" * 200_000 + "}\n",
+            "teacher.cache: too long \\(200000 characters, at most 4096",
+        ),
+        (OK + "teacher: {device: tpu}\n", r"teacher.device: expected auto, cpu or cuda\[:N\], got 'tpu'"),
+        (OK + 'teacher: {cache: "a\\0b"}\n', "teacher.cache: contains a NUL character"),
+        (OK.replace("name: t", "name: ../../evil"), "name: must be a simple name .* got '../../evil'"),
+        (OK.replace("name: t", "name: a/b"), "name: must be a simple name"),
+        (OK.replace("name: t", "name: ''"), "name: must be a simple name"),
+        (OK + "model: {spec: gmm:cifar}\n", "line 3, column 1: duplicate key 'model'"),
+        (OK + "student: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 20 levels"),
+        (OK + "output: !!python/object/apply:os.system ['true']\n", "could not determine a constructor"),
+    ],
+)
+def test_recipes_that_would_exhaust_memory_or_escape_are_refused(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(BadInput, match=message) as e:
+        load_recipe(path)
+    assert str(e.value).startswith(str(path)) and len(str(e.value)) < 300 + len(str(path))  # echoes are cut
+    assert "\n" not in str(e.value)
+
+
+def test_non_finite_floats_and_absurd_counts_in_method_sections(tmp_path):
+    dlms = students.get("dlms")
+    for train, message in (
+        ({"lr": float("nan")}, "train.lr: must be a finite number, got nan"),
+        ({"final_weight": float("inf")}, "train.final_weight: must be a finite number, got inf"),
+        ({"iterations": 10**12}, "train.iterations: must be <= 10000000"),
+        ({"restarts": 10**9}, "train.restarts: must be <= 1000"),
+        ({"batch": 10**12}, "train.batch: must be <= 100000"),
+    ):
+        with pytest.raises(BadInput, match=message):
+            dlms.configs({"method": "dlms"}, train)
+    for student, message in (
+        ({"nfe": 10**12}, "student.nfe: must be <= 1000, got 1000000000000"),
+        ({"order": 10**9}, "student.order: must be <= 64"),
+        ({"scale_range": float("nan")}, "student.scale_range: must be a finite number"),
+        ({"scale_range": 1.5}, "student.scale_range: must be <= 0.9, got 1.5"),  # k = 1 - r would reach 0
+    ):
+        with pytest.raises(BadInput, match=message):
+            dlms.configs({"method": "dlms", **student}, {})
+    with pytest.raises(BadInput, match=r"train.device: expected auto, cpu or cuda\[:N\], got 'tpu'"):
+        dlms.configs({"method": "dlms"}, {"device": "tpu"})
+    # The ceilings go by key name, so methods that set none of their own (D-ODE here) get them too.
+    with pytest.raises(BadInput, match="student.nfe: must be <= 1000"):
+        students.get("dode").configs({"method": "dode", "nfe": 5000}, {})
+    path = write(tmp_path, OK + "train: {lr: .nan}\nstudent: {method: dlms}\n")
+    with pytest.raises(BadInput, match="train.lr: must be a finite number, got nan"):
+        method_configs(load_recipe(path), say=lambda m: None)
+
+
+def test_file_size_encoding_and_empty_sections(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text(OK + "#" * 300_000 + "\n")
+    with pytest.raises(BadInput, match="larger than 256 KiB"):
+        load_recipe(path)
+    path.write_bytes(OK.encode() + b"\xff\xfe garbage")
+    with pytest.raises(BadInput, match="not UTF-8 text \\(byte 0xff at offset 32\\)"):
+        load_recipe(path)
+    rec = load_recipe(write(tmp_path, OK + "student: ~\ntrain:\n"))
+    assert rec.student == {} and rec.train == {}  # an empty section is the defaults, like an empty teacher
+    rec = load_recipe(write(tmp_path, OK.replace("name: t", "name: résumé-v1.2")))
+    assert rec.name == "résumé-v1.2"
+
+
+def test_paths_outside_the_recipe_folder_and_cwd_get_a_note(tmp_path, monkeypatch):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    monkeypatch.chdir(proj)
+    rec = load_recipe(write(proj, OK + "teacher: {cache: ../elsewhere}\n"))
+    notes = path_notes(rec)
+    assert len(notes) == 1 and str(tmp_path / "elsewhere") in notes[0] and notes[0].startswith("note: teacher.cache")
+    assert outside_note(rec, "output", "out/a.npz") is None  # inside the current directory
+    assert outside_note(rec, "output", "../proj/out/a.npz") is None  # back inside
+    assert outside_note(rec, "output", tmp_path / "abs.npz") is None  # an absolute path is deliberate
+    assert str(tmp_path / "x.npz") in outside_note(rec, "output", "../x.npz")
+    # Relative paths resolve against the current directory; the recipe's folder counts as home too.
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    rec = load_recipe(write(sub, OK + "teacher: {cache: ../recipes/c}\n"))
+    assert path_notes(rec) == []
+    assert path_notes(load_recipe(write(proj, OK))) == []  # the default cache/NAME

@@ -132,11 +132,59 @@ def test_npz_round_trip_and_refusals(tmp_path):
     with pytest.raises(BadInput, match="missing the 'meta' entry"):
         read_npz(tmp_path / "nometa.npz")
     np.savez(tmp_path / "obj.npz", meta=np.array(json.dumps({})), x=np.array([object()], dtype=object))
-    with pytest.raises(BadInput, match="pickled object"):
+    with pytest.raises(BadInput, match="array 'x' holds pickled Python objects"):
         read_npz(tmp_path / "obj.npz", "samples file")
     (tmp_path / "zip.npz").write_bytes(b"PK\x03\x04 damaged")
-    with pytest.raises(BadInput, match="not a readable NPZ samples file"):
+    with pytest.raises(BadInput, match="a damaged NPZ samples file"):
         read_npz(tmp_path / "zip.npz", "samples file")
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    with pytest.raises(BadInput, match=r"not an NPZ samples file \(File is not a zip file\)"):
+        read_npz(tmp_path / "text.npz", "samples file")
+
+
+def forged(path, entries):
+    """An NPZ from raw (name, .npy header dict, data bytes) entries."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for name, header, data in entries:
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buf, header)
+            z.writestr(name, buf.getvalue() + data)
+
+
+META = ("meta.npy", {"descr": "<U2", "fortran_order": False, "shape": ()}, "{}".encode("utf-32-le"))
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ([META, ("x.npy", {"descr": "<f8", "fortran_order": False, "shape": (1 << 40,)}, b"\0" * 8)], "claims shape"),
+        ([META, ("x.npy", {"descr": "<c16", "fortran_order": False, "shape": (1,)}, b"\0" * 16)], "complex"),
+        ([META, ("x.npy", {"descr": "|b1", "fortran_order": False, "shape": (1,)}, b"\0")], "boolean"),
+        ([META, ("x.npy", {"descr": "<f8", "fortran_order": False, "shape": (-1,)}, b"")], "negative dimension"),
+        ([META, ("x.txt", {"descr": "<f8", "fortran_order": False, "shape": ()}, b"\0" * 8)], "not a .npy array"),
+        ([META, META], "two entries named 'meta'"),
+        ([("meta.npy", {"descr": "<f8", "fortran_order": False, "shape": ()}, b"\0" * 8)], "one JSON string"),
+    ],
+)
+def test_npz_headers_are_checked_before_reading(tmp_path, entries, message):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name it was asked to write
+        forged(tmp_path / "f.npz", entries)
+    with pytest.raises(BadInput, match=message):
+        read_npz(tmp_path / "f.npz", "samples file")
+
+
+def test_npz_reads_fortran_and_big_endian_arrays_as_native(tmp_path):
+    a = np.asfortranarray(np.arange(6.0).reshape(2, 3)).astype(">f4")
+    write_npz(tmp_path / "a.npz", {}, a=a)
+    arrays, _ = read_npz(tmp_path / "a.npz")
+    assert np.array_equal(arrays["a"], a) and arrays["a"].dtype == np.float32 and arrays["a"].flags.c_contiguous
+    assert torch.from_numpy(arrays["a"]).shape == (2, 3)  # native byte order: torch takes it as it is
 
 
 def test_ensure_dir(tmp_path):

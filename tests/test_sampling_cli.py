@@ -160,3 +160,37 @@ def test_unwritable_output(tmp_path, cli):
     blocker.write_text("x")
     r = cli("sample", "--model", "gmm:tiny", "--out", blocker / "sub", "--quiet")
     assert r.exit_code == 2 and "--out" in r.output
+
+
+def test_python_factory_from_a_named_file_and_non_finite_samples(tmp_path, monkeypatch, cli):
+    """A python: factory is imported from the installed path or from a file named in the spec, never from the
+    current folder; samples with NaN or inf are refused and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models_here.py").write_text(
+        textwrap.dedent("""
+        import torch
+        class Denoise(torch.nn.Module):
+            sigma_min, sigma_max, shape = 0.01, 10.0, (3,)
+            def __init__(self, broken=False):
+                super().__init__()
+                self.broken = broken
+            def forward(self, x, sigma, cond=None):
+                out = x / (1 + sigma[:, None] ** 2)
+                return out.clone().fill_(float("nan")) if self.broken else out
+        def make():
+            return Denoise()
+        def broken():
+            return Denoise(broken=True)
+    """)
+    )
+    args = ["--solver", "euler", "--nfe", 3, "--num", 3, "--quiet"]
+    r = cli("sample", "--model", "python:models_here:make", *args, "--out", tmp_path / "a")
+    assert r.exit_code == 2 and "not on the Python path" in r.output and "Traceback" not in r.output
+    r = cli("sample", "--model", "python:./models_here.py:make", *args, "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "b" / "samples.npz").exists()
+    r = cli("sample", "--model", "python:./nowhere.py:make", *args, "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "cannot read the Python file" in r.output
+    r = cli("sample", "--model", "python:./models_here.py:broken", *args, "--out", tmp_path / "d")
+    assert r.exit_code == 2 and "3 of 3 samples hold NaN" in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "d" / "samples.npz").exists() and not list((tmp_path / "d").glob("*.png"))

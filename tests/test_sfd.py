@@ -132,7 +132,19 @@ def test_artifact_round_trip_and_refusals(toy, cli):
     assert r.exit_code == 0, r.output
     outs = []
     for k in range(2):
-        r = cli("sample", "--solver", toy / "sfd.npz", "--num", 3, "--out", toy / f"s{k}", "--quiet")
+        # python: specs run code, so the artifact's meta.model is not enough: the model is named explicitly.
+        r = cli(
+            "sample",
+            "--solver",
+            toy / "sfd.npz",
+            "--model",
+            "python:tinytoy:make",
+            "--num",
+            3,
+            "--out",
+            toy / f"s{k}",
+            "--quiet",
+        )
         assert r.exit_code == 0, r.output
         with np.load(toy / f"s{k}" / "samples.npz") as f:
             outs.append(f["x"])

@@ -13,6 +13,7 @@ from solverdistill import artifacts, students
 from solverdistill.artifacts import Artifact
 from solverdistill.errors import BadInput
 from solverdistill.generate import CountingDenoiser, generate
+from solverdistill.models import resolve
 from solverdistill.recipes import load_recipe
 from solverdistill.solvers import Solver, plan
 from solverdistill.solvers.base import afs_denoised
@@ -561,3 +562,63 @@ def test_every_builtin_loads_its_untrained_artifact_as_a_solver(tiny64, cache):
         art = method.fit(cache, tiny64, *method.configs(student, train))
         solver = method.load(method.untrained(art), tiny64)
         assert isinstance(solver, Solver) and generate(tiny64, solver, [1, 2]).nfe == 3
+
+
+# --- issue 12: DLMS is reproducible and does not depend on the batch size --------------------------------------------
+
+
+def test_identical_dlms_runs_give_identical_artifacts(cache, tiny64):
+    """Item 8: the designer's initial weights are seeded per restart, whatever the global random state."""
+    method = students.get("dlms")
+    s, t = method.configs({"method": "dlms", "nfe": 3}, {"iterations": 2, "restarts": 2, "batch": 8, "heldout": 32})
+    arts = []
+    for scramble in (1, 2):
+        torch.manual_seed(scramble)  # the global state differs between the runs and must not matter
+        before = torch.random.get_rng_state()
+        arts.append(method.fit(cache, tiny64, s, t))
+        assert torch.equal(torch.random.get_rng_state(), before)  # fit leaves the caller's random state alone
+    a, b = arts
+    assert a.arrays.keys() == b.arrays.keys()
+    for k in a.arrays:
+        assert a.arrays[k].dtype == b.arrays[k].dtype and np.array_equal(a.arrays[k], b.arrays[k]), k
+    assert np.any(a.arrays["designer.head.weight"] != 0)  # it trained
+
+    def timeless(meta):
+        return {**meta, "created": None, "training": {**meta["training"], "seconds": None}}
+
+    assert timeless(a.meta) == timeless(b.meta)
+
+
+def elementwise_denoiser(x, sigma, cond=None):
+    """A denoiser without matmuls (gmm's differ in float64 from batch to batch): sample i sees only itself."""
+    s = sigma.reshape(-1, *([1] * (x.ndim - 1))) if torch.is_tensor(sigma) else sigma
+    return torch.tanh(x) / (1 + s**2)
+
+
+elementwise_denoiser.sigma_min, elementwise_denoiser.sigma_max, elementwise_denoiser.shape = 0.002, 80.0, (2,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dlms_sampling_does_not_depend_on_the_batch_size(dtype, tiny64):
+    """Item 9: the same seeds in batches of 1, 3 and 7 give bit-identical samples and per-sample grids (bound 0)."""
+    model = resolve("gmm:tiny", dtype=dtype) if dtype == torch.float32 else elementwise_denoiser
+    for p in ("dtype", "device", "passes_per_call"):
+        if not hasattr(model, p):
+            setattr(model, p, {"dtype": dtype, "device": torch.device("cpu"), "passes_per_call": 1}[p])
+    torch.manual_seed(0)  # a random body, and random heads: every sample gets a grid of its own
+    student = perturbed_dlms(nfe=5, afs=True).to(dtype)
+    seeds = list(range(7))
+    runs = {}
+    for batch in (1, 3, 7):
+        grids = {}
+
+        def keep(chunk, step, grids=grids):
+            for seed, sigma in zip(chunk, step.sigma.tolist()):
+                grids.setdefault(seed, []).append(sigma)
+
+        res = generate(model, student, seeds, batch=batch, callback=keep)
+        runs[batch] = res.x, torch.tensor([grids[s] for s in seeds], dtype=torch.float64)
+    assert len(set(runs[7][1][:, 2].tolist())) == 7  # the grids do differ from sample to sample
+    for batch in (3, 7):
+        assert torch.equal(runs[batch][0], runs[1][0]), (batch, (runs[batch][0] - runs[1][0]).abs().max())
+        assert torch.equal(runs[batch][1], runs[1][1])

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,14 @@ def write_recipe(path: Path, cache: Path, **teacher) -> Path:
     body = ", ".join(f"{k}: {v}" for k, v in t.items())
     path.write_text(f"name: t\nmodel: {{spec: '{model}'}}\nteacher: {{{body}}}\n")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_line_messages(monkeypatch):
+    """Rich wraps messages at the console width (80 without a terminal): make it wide, so a message is a line."""
+    from solverdistill.commands import console
+
+    monkeypatch.setattr(console.err, "width", 100_000)
 
 
 def all_arrays(cache_dir):
@@ -205,6 +214,9 @@ def test_prepare_teacher_plans_what_is_missing(tmp_path):
     more = load_recipe(tmp_path / "r.yaml", {"teacher.num_samples": 26})
     job = prepare_teacher(more, model=job.model)  # a model already resolved is used as it is
     assert job.missing == 6 and [t[1:] for t in job.todo] == [(20, 6)]
+    assert (tmp_path / "c" / "writer.lock").is_file()  # a job with work to do holds the writer lock...
+    job.release()  # ...until it runs or is released
+    assert not (tmp_path / "c" / "writer.lock").exists()
     rep = run_teacher(more, write=False)  # integrates, writes nothing
     assert rep.generated == 6 and TeacherCache.open(tmp_path / "c").num_samples == 20
 
@@ -230,3 +242,100 @@ def test_cache_split_start_endpoints_and_summary(tmp_path):
     rows = dict(c.summary())
     assert rows["solver"] == "dpm++3m" and rows["samples"].startswith("20 (seeds 5..24)")
     assert rows["grid"].startswith("logsnr, 16 steps") and rows["shards"] == "3 in use, 0 bad"
+
+
+# --- one writer at a time: the cache's writer lock --------------------------------------------------------------
+
+
+def teacher_cmd(recipe):
+    return [sys.executable, "-m", "solverdistill", "teacher", str(recipe), "--quiet"]
+
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100000"}  # one thread; messages on one line
+
+
+def test_second_writer_is_refused_while_a_live_process_holds_the_lock(tmp_path, cli):
+    rec = write_recipe(tmp_path / "r.yaml", tmp_path / "c", num_samples=8)
+    (tmp_path / "c").mkdir()
+    lock = tmp_path / "c" / "writer.lock"
+    # This test process is the live owner; the teacher below is a real second process.
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": "test"}))
+    p = subprocess.run(teacher_cmd(rec), capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("error:") and p.stderr.count("\n") == 1
+    assert f"{lock}: the cache is being written by pid {os.getpid()} on this host (test" in p.stderr
+    assert lock.is_file() and not list((tmp_path / "c").glob("shard-*"))  # nothing touched, the lock not taken
+    # A lock from another host cannot be checked from here: refused too (in-process: the same engine).
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere.invalid", "command": "sdistill teacher"}))
+    r = cli("teacher", rec, "--quiet")
+    assert r.exit_code == 2 and "pid 1 on host elsewhere.invalid" in r.output
+    lock.write_text("garbage")
+    r = cli("teacher", rec, "--quiet")
+    assert r.exit_code == 2 and "a lock file that does not name its owner" in r.output
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, cli):
+    rec = write_recipe(tmp_path / "r.yaml", tmp_path / "c", num_samples=8)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    (tmp_path / "c").mkdir()
+    lock = tmp_path / "c" / "writer.lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "sdistill teacher"}))
+    (tmp_path / "c" / "shard-000000.tmp").mkdir()  # what that run left behind
+    r = cli("teacher", rec, "--quiet")
+    assert r.exit_code == 0 and "8 integrated now" in r.output, r.output
+    assert not lock.exists() and not list((tmp_path / "c").glob("*.tmp"))
+    # A lock naming this very pid but not held by this process: a killed run whose pid came round again.
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": "old"}))
+    assert cli("teacher", rec, "--quiet", "--num", 10).exit_code == 0 and not lock.exists()
+
+
+def test_two_real_writers_never_corrupt_the_cache(tmp_path, cli):
+    """Two `sdistill teacher` processes on one cache, started together: each either finishes (exit 0) or is
+    refused with one message naming the lock and the other's pid (exit 2); no traceback, and the cache verifies."""
+    rec = write_recipe(tmp_path / "r.yaml", tmp_path / "c", steps=64, num_samples=48, batch=2, shard_size=2)
+    procs = [
+        subprocess.Popen(
+            teacher_cmd(rec), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV
+        )
+        for _ in range(2)
+    ]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert 0 in codes and set(codes) <= {0, 2}, (codes, errs)
+    for err, code, other in zip(errs, codes, [procs[1].pid, procs[0].pid]):
+        assert "Traceback" not in err
+        if code == 2:
+            assert err.startswith("error:") and err.count("\n") == 1, err
+            assert f"writer.lock: the cache is being written by pid {other} on this host" in err
+    print("two writers:", codes)
+    r = cli("cache", "info", tmp_path / "c", "--verify")
+    assert r.exit_code == 0 and "all checksums ok" in r.output
+    assert TeacherCache.open(tmp_path / "c").num_samples == 48
+    assert not list((tmp_path / "c").glob("*.tmp")) and not (tmp_path / "c" / "writer.lock").exists()
+
+
+def test_interrupt_releases_the_lock_and_records_only_finished_shards(tmp_path, cli, monkeypatch):
+    from solverdistill.teacher import run as run_mod
+
+    rec = load_recipe(write_recipe(tmp_path / "r.yaml", tmp_path / "c"))
+    real, calls = run_mod.integrate_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the first batch of the third shard (8 samples per shard, 4 per batch)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "integrate_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_teacher(rec)
+    c = tmp_path / "c"
+    assert not (c / "writer.lock").exists() and not list(c.glob("*.tmp"))
+    assert [s["name"] for s in json.loads((c / "manifest.json").read_text())["shards"]] == [
+        "shard-000000",
+        "shard-000001",
+    ]
+    assert cli("cache", "info", c, "--verify").exit_code == 0
+    monkeypatch.setattr(run_mod, "integrate_batch", real)
+    assert run_teacher(rec).generated == 8

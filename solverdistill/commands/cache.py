@@ -11,22 +11,33 @@ from .console import out, say
 
 
 def info(
-    folder: Path = typer.Argument(..., help="Teacher cache folder."),
+    # readable=False: the engine says what is wrong with the folder (one line), not a usage box.
+    folder: Path = typer.Argument(..., help="Teacher cache folder.", readable=False),
     verify_sums: bool = typer.Option(False, "--verify", help="Check every checksum; mark bad shards."),
 ):
     """Print a cache's spec and size; with --verify, check every shard (exit 1 when any is bad)."""
     from ..teacher.cache import TeacherCache, verify
 
-    bad = verify(folder) if verify_sums else []
+    if verify_sums:
+        report = verify(folder)
+        cache = TeacherCache(folder, report.manifest)  # bad shards marked, even where the marks were not written
+    else:
+        cache = TeacherCache.open(folder)
     table = Table(title=f"teacher cache {folder}")
     table.add_column("field")
     table.add_column("value")
-    for k, v in TeacherCache.open(folder).summary():
+    for k, v in cache.summary():
         table.add_row(k, v)
     out.print(table)
     if verify_sums:
-        for name, why in bad:
-            say(f"bad shard {name}: {why} (marked; the next `sdistill teacher` run regenerates it)")
-        if bad:
+        then = "the next `sdistill teacher` run regenerates it"
+        for name, why in report.problems:
+            if name.startswith("samples"):
+                say(f"{name}: {why}; the next `sdistill teacher` run fills them")
+            elif report.marked:
+                say(f"bad shard {name}: {why} (marked; {then})")
+            else:
+                say(f"bad shard {name}: {why} (not marked: {folder} cannot be written)")
+        if report.problems:
             raise typer.Exit(1)
         out.print("all checksums ok")

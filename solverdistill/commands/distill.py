@@ -13,7 +13,8 @@ from .console import line, out, progress, say
 
 
 def command(
-    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    # readable=False: load_recipe says what is wrong with the file (one line), not a usage box.
+    recipe: Path = typer.Argument(..., help="Recipe YAML.", readable=False),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Artifact path (.npz or .yaml); default: output."),
     method: Optional[str] = typer.Option(
         None, "--method", help="A registered student method, e.g. dlms, dode, sfd (overrides student.method)."
@@ -23,10 +24,10 @@ def command(
 ):
     """Fit a student solver from the recipe's teacher cache and write its artifact."""
     from ..pipeline import distill
-    from ..recipes import load_recipe
+    from ..recipes import CEILINGS, load_recipe
 
-    if nfe is not None and nfe < 1:
-        raise BadInput(f"--nfe: must be >= 1, got {nfe}")
+    if nfe is not None and not 1 <= nfe <= CEILINGS["nfe"]:
+        raise BadInput(f"--nfe: must be between 1 and {CEILINGS['nfe']}, got {nfe}")
     rep = distill(
         load_recipe(recipe),
         method_name=method,

@@ -7,11 +7,12 @@ from typing import Optional
 
 import typer
 
-from .console import line, progress
+from .console import line, progress, say
 
 
 def command(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (reads its model and teacher sections)."),
+    # readable=False: load_recipe says what is wrong with the file (one line), not a usage box.
+    recipe: Path = typer.Argument(..., help="Recipe YAML (reads its model and teacher sections).", readable=False),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (overrides teacher.cache)."),
     num: Optional[int] = typer.Option(None, "--num", help="Number of samples (overrides teacher.num_samples)."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (overrides teacher.batch)."),
@@ -20,7 +21,7 @@ def command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Integrate the ODE accurately from many seeds and cache the trajectories (resumable, sharded)."""
-    from ..recipes import load_recipe
+    from ..recipes import load_recipe, path_notes
     from ..teacher.run import prepare_teacher
 
     r = load_recipe(
@@ -32,9 +33,13 @@ def command(
             "teacher.device": device,
         },
     )
-    job = prepare_teacher(r, overwrite=overwrite)
-    with progress(quiet)(job.missing, "teacher") as bar:
-        rep = job.run(progress=bar)
+    for note in path_notes(r):
+        say(note)
+    # The one command whose job is the cache: it also checks every finished shard's checksums (readers check
+    # only what they map), so a damaged shard is regenerated here rather than found by a later distill.
+    with prepare_teacher(r, overwrite=overwrite, verify=True) as job:
+        with progress(quiet)(job.missing, "teacher") as bar:
+            rep = job.run(progress=bar)
     line(
         f"{rep.root}: {rep.total} samples ({rep.generated} integrated now, {rep.reused} already cached), "
         f"{rep.nfe_per_sample} NFE per sample, {rep.seconds:.1f}s"

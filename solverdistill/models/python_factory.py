@@ -1,13 +1,19 @@
-"""`python:MODULE:CALLABLE`: a user's denoiser factory, imported from the Python path and called with no args."""
+"""`python:MODULE:CALLABLE` or `python:path/to/file.py:CALLABLE`: a user's denoiser factory, called with no args.
+
+MODULE is imported from the normal Python path (installed packages, PYTHONPATH); the current folder is not added to
+it, so a file that merely sits where sdistill runs is never imported. A file is imported only when its path is
+given (it ends in .py or holds a path separator)."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
 import types
+from pathlib import Path
 
 from ..errors import BadInput
 from .base import Wrapped
@@ -15,16 +21,63 @@ from .base import Wrapped
 REQUIRED = ("sigma_min", "sigma_max", "shape")
 
 
-def load(body: str, spec: str) -> Wrapped:
-    module_name, sep, attr = body.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise BadInput(f"--model {spec}: expected python:MODULE:CALLABLE, e.g. python:mypkg.models:make_denoiser")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+def is_file_target(target: str) -> bool:
+    """`path/to/file.py` (or any path) rather than a dotted module name."""
+    return target.endswith(".py") or "/" in target or os.sep in target
+
+
+def import_module(name: str, attr: str, spec: str) -> types.ModuleType:
+    """An installed module (or one on PYTHONPATH); a missing one names the alternatives."""
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name and (name == e.name or name.startswith(e.name + ".")):
+            raise BadInput(
+                f"--model {spec}: cannot import module {name!r}: it is not on the Python path. sdistill imports "
+                "installed modules and those on PYTHONPATH, not files in the current folder; to use a file, give "
+                f"its path: python:path/to/{name.rpartition('.')[2]}.py:{attr}"
+            ) from None
+        raise BadInput(f"--model {spec}: cannot import module {name!r}: {type(e).__name__}: {e}") from None
     except Exception as e:  # an import error in the user's module is still their input
-        raise BadInput(f"--model {spec}: cannot import module {module_name!r}: {type(e).__name__}: {e}") from None
+        raise BadInput(f"--model {spec}: cannot import module {name!r}: {type(e).__name__}: {e}") from None
+
+
+def import_file(target: str, spec: str) -> types.ModuleType:
+    """The .py file the user named, imported once per process and content under a private name (its folder is not
+    added to the Python path, so it imports only what is installed)."""
+    path = Path(target).expanduser()
+    try:
+        path = path.resolve()
+        source = path.read_bytes()
+    except OSError as e:
+        raise BadInput(f"--model {spec}: cannot read the Python file {str(path)!r}: {e.strerror or e}") from None
+    digest = hashlib.sha256(str(path).encode() + b"\0" + source).hexdigest()
+    name = f"_sdistill_user_{digest[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    found = importlib.util.spec_from_file_location(name, path)
+    if found is None or found.loader is None:
+        raise BadInput(f"--model {spec}: {str(path)!r} is not an importable Python file")
+    module = importlib.util.module_from_spec(found)
+    sys.modules[name] = module  # dataclasses and pickling look classes up by module name
+    try:
+        found.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise BadInput(f"--model {spec}: cannot import {str(path)!r}: {type(e).__name__}: {e}") from None
+    return module
+
+
+def load(body: str, spec: str) -> Wrapped:
+    """Import the module (or file), call the factory and check what it returns."""
+    target, sep, attr = body.rpartition(":")
+    if not sep or not target or not attr:
+        raise BadInput(
+            f"--model {spec}: expected python:MODULE:CALLABLE or python:path/to/file.py:CALLABLE, "
+            "e.g. python:mypkg.models:make_denoiser"
+        )
+    module = import_file(target, spec) if is_file_target(target) else import_module(target, attr, spec)
+    module_name = target
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise BadInput(f"--model {spec}: module {module_name!r} has no callable {attr!r}")

@@ -58,6 +58,7 @@ class Method:
     untrained: Callable[[Artifact], Artifact]
     summary: str = ""
     work: Callable[[Any, Any], int] = lambda student, train: 1
+    arrays: tuple[str, ...] = ()  # the artifact arrays `load` reads (`name.*` is a prefix); others are refused
 
     def configs(self, student: dict, train: dict) -> tuple[Any, Any]:
         """Validate a recipe's `student` and `train` sections against this method's keys."""

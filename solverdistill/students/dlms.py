@@ -56,7 +56,7 @@ class DLMSStudent:
     schedule: str = "polynomial:7"  # the initial grid
     learn_grid: bool = True
     time_scaling: bool = True
-    scale_range: float = field(default=0.2, metadata={"min": 0.0})
+    scale_range: float = field(default=0.2, metadata={"min": 0.0, "max": 0.9})  # k = 1 +- r stays > 0
     features: str = field(default="auto", metadata={"choices": ("auto", "denoised", "bottleneck")})
 
 
@@ -107,9 +107,30 @@ def pooled(d: torch.Tensor) -> torch.Tensor:
     return F.pad(flat, (0, FEATURES - flat.shape[1]))
 
 
+def sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """The logistic function through tanh. torch.sigmoid and F.silu round differently in their vectorised loop and
+    its scalar tail, so a sample's value depended on its place in the batch; tanh (like exp and log) runs one
+    vectorised routine over the whole tensor, and the rest is single IEEE operations."""
+    return 0.5 * torch.tanh(0.5 * v) + 0.5
+
+
+def silu(v: torch.Tensor) -> torch.Tensor:
+    """F.silu through `sigmoid`, for the same reason."""
+    return v * sigmoid(v)
+
+
+def rowwise(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` computed as one small matmul per row (batched), so a sample's result never depends on the batch
+    around it: a plain Linear's matmul kernel blocks rows by batch size, which moved DLMS samples by up to 5e-6
+    between batch sizes (and a designer feeds its outputs back into the grid, which amplifies that)."""
+    b = x.shape[0]
+    return torch.baddbmm(layer.bias.expand(b, 1, -1), x[:, None], layer.weight.T.expand(b, -1, -1))[:, 0]
+
+
 class NetworkDesigner(nn.Module):
     """~9k parameters: features -> Linear(64,128), SiLU, Linear(128,4), with embeddings of t and the step index;
-    one zero-initialised head gives p-1 coefficient offsets, a time logit and a scale logit."""
+    one zero-initialised head gives p-1 coefficient offsets, a time logit and a scale logit. Every layer runs
+    through `rowwise`, so sampling does not depend on the batch size."""
 
     def __init__(self, order: int) -> None:
         super().__init__()
@@ -122,8 +143,10 @@ class NetworkDesigner(nn.Module):
 
     def forward(self, feats: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         step_v = torch.full_like(t, float(step))
-        h = torch.cat([self.body(feats), self.t_embed(sinusoidal(torch.log(t))), self.n_embed(sinusoidal(step_v))], 1)
-        return self.head(h)
+        body = rowwise(self.body[2], silu(rowwise(self.body[0], feats)))
+        t_emb = silu(rowwise(self.t_embed[0], sinusoidal(torch.log(t))))
+        n_emb = silu(rowwise(self.n_embed[0], sinusoidal(step_v)))
+        return rowwise(self.head, torch.cat([body, t_emb, n_emb], 1))
 
 
 class GlobalDesigner(nn.Module):
@@ -197,10 +220,10 @@ class DLMS(nn.Module):
             t_next = torch.full_like(t, float(self.init_grid[-1]))
         else:
             logit = self.time_offset[step].to(dt) + (raw[:, p - 1] if self.cfg.learn_grid else 0.0)
-            f = torch.sigmoid(logit)
+            f = sigmoid(logit)
             t_next = torch.exp(torch.log(t) + f * (torch.log(t_min) - torch.log(t))).clamp(min=float(t_min))
         if self.cfg.time_scaling:
-            k_next = 1 + self.cfg.scale_range * (2 * torch.sigmoid(raw[:, p]) - 1)
+            k_next = 1 + self.cfg.scale_range * (2 * sigmoid(raw[:, p]) - 1)
         else:
             k_next = torch.ones_like(t)
         return coefs, t_next, k_next
@@ -383,8 +406,12 @@ def fit(
     # Training on a few trajectories is high-variance: independent restarts, the best by validation is kept.
     runs = []
     for r in range(t.restarts):
-        student = DLMS(s, grid).to(device=model.device, dtype=model.dtype)
-        runs.append(train_once(student, model, cache, train_idx, val_idx, s, t, t.seed + r, progress))
+        # The designer's initial weights are drawn here: seed them per restart, or two identical runs differ.
+        # fork_rng leaves the caller's global random state as it was (train_once seeds it too).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed + r)
+            student = DLMS(s, grid).to(device=model.device, dtype=model.dtype)
+            runs.append(train_once(student, model, cache, train_idx, val_idx, s, t, t.seed + r, progress))
     best = min(runs, key=lambda run: run.best)
     student.load_state_dict(best.state)
     arrays = {f"designer.{k}": v.detach().cpu().double().numpy() for k, v in student.designer.state_dict().items()}
@@ -415,18 +442,33 @@ def fit(
 
 
 def load(artifact: Artifact, model: Denoiser) -> DLMS:
+    """The stored rule: settings from meta.student, the initial grid and the designer's parameters, each checked
+    against the settings before anything is built from them."""
     cfg = stored_settings(artifact, DLMSStudent)
+    where = artifact.path
+    if cfg.nfe != int(artifact.meta["nfe"]):
+        raise BadInput(f"{where}: meta.student.nfe ({cfg.nfe}) differs from meta.nfe ({artifact.meta['nfe']})")
+    if cfg.order > 64:  # the designer and its tables grow with the order: a forged one must not exhaust memory
+        raise BadInput(f"{where}: meta.student.order: expected at most 64, got {cfg.order}")
     grid = artifact.array("init_grid", ndim=1)
     steps = cfg.nfe + (1 if cfg.afs else 0)
     if len(grid) != steps + 1:
-        raise BadInput(f"{artifact.path}: array 'init_grid' must hold {steps + 1} sigmas, has {len(grid)}")
+        raise BadInput(f"{where}: array 'init_grid' must hold {steps + 1} sigmas, has {len(grid)}")
     if np.any(np.diff(grid) >= 0) or grid[-1] <= 0:
-        raise BadInput(f"{artifact.path}: array 'init_grid' must be strictly decreasing positive sigmas")
+        raise BadInput(f"{where}: array 'init_grid' must be strictly decreasing positive sigmas")
     student = DLMS(cfg, torch.tensor(grid, dtype=torch.float64))
     state = student.designer.state_dict()
+    unexpected = sorted(
+        {k.removeprefix("designer.") for k in artifact.arrays if k.startswith("designer.")} - set(state)
+    )
+    if unexpected:  # missing ones are reported by artifact.array below
+        raise BadInput(
+            f"{where}: array 'designer.{unexpected[0]}' is not a parameter of the designer meta.student describes "
+            f"(designer {cfg.designer!r}, order {cfg.order})"
+        )
     for name, ref in state.items():
         arr = artifact.array(f"designer.{name}", shape=tuple(ref.shape))
-        state[name] = torch.from_numpy(arr)
+        state[name] = torch.from_numpy(arr).to(ref.dtype)
     student.designer.load_state_dict(state)
     student.passes_per_call = int(model.passes_per_call)
     return student.to(device=model.device, dtype=model.dtype)
@@ -451,5 +493,6 @@ register(
         untrained,
         "learned multistep coefficients, grid and time scaling",
         work=lambda s, t: t.iterations * t.restarts,
+        arrays=("designer.*", "init_grid"),
     )
 )

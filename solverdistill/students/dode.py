@@ -166,18 +166,25 @@ def fit(
 
 
 def load(artifact: Artifact, model: Denoiser) -> DODESolver:
-    meta = artifact.meta
+    """The base solver on the stored grid with the stored lambdas; every meta key and array it reads is checked
+    (types came checked from artifacts.load)."""
+    meta, where = artifact.meta, artifact.path
     nfe = int(meta["nfe"])
     lams = artifact.array("lambdas", shape=(nfe,))
-    info = get_solver(meta.get("base_solver", ""))
-    grid = artifact.array("grid", ndim=1)
     afs = bool(meta.get("afs", False))
-    steps = info.steps_for(nfe, afs)
-    if len(grid) != steps + 1 or np.any(np.diff(grid) >= 0):
-        raise BadInput(
-            f"{artifact.path}: array 'grid' must hold {steps + 1} decreasing sigmas for {info.name} at NFE {nfe}"
-        )
+    try:
+        info = get_solver(meta.get("base_solver", ""))
+        steps = info.steps_for(nfe, afs)
+    except BadInput as e:  # the solver registry words its messages for flags; here the values come from meta
+        text = str(e).removeprefix("--solver: ").removeprefix("--nfe: ")
+        raise BadInput(f"{where}: meta.base_solver / meta.nfe / meta.afs: {text}") from None
+    grid = artifact.array("grid", ndim=1)
+    if len(grid) != steps + 1 or np.any(np.diff(grid) >= 0) or grid[-1] < 0:
+        raise BadInput(f"{where}: array 'grid' must hold {steps + 1} decreasing sigmas for {info.name} at NFE {nfe}")
     options = {k: v for k, v in (meta.get("options") or {}).items() if k in info.options}
+    for k, v in options.items():
+        if not isinstance(v, bool):
+            raise BadInput(f"{where}: meta.options.{k}: expected true or false, got {repr(v)[:60]}")
     base = Plan(info, nfe, afs, torch.tensor(grid, dtype=torch.float64), options, int(model.passes_per_call))
     return DODESolver(base, lams)
 
@@ -198,5 +205,6 @@ register(
         untrained,
         "one scalar per denoiser call, closed form",
         work=lambda s, t: s.nfe,
+        arrays=("lambdas", "grid"),
     )
 )

@@ -204,23 +204,41 @@ def fit(
 
 
 def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
+    """The fine-tuned network (a copy of the model's with the stored weights) and its grid, every stored value
+    checked against the settings and the model before the copy is made."""
     s = stored_settings(artifact, SFDStudent)
+    where = artifact.path
+    if s.nfe != int(artifact.meta["nfe"]):
+        raise BadInput(f"{where}: meta.student.nfe ({s.nfe}) differs from meta.nfe ({artifact.meta['nfe']})")
     if model is None or model.net is None:
-        raise BadInput(f"{artifact.path}: an SFD artifact needs its model ({artifact.meta.get('model')})")
-    den = copy.deepcopy(model)
-    state = den.net.state_dict()
-    if any(k.startswith("net.") for k in artifact.arrays):  # none: the untrained student, the model's own weights
-        names = {k[4:] for k in artifact.arrays if k.startswith("net.")}
-        if names != set(state):
+        raise BadInput(f"{where}: an SFD artifact needs its model ({artifact.meta.get('model')})")
+    state = model.net.state_dict()
+    names = {k[4:] for k in artifact.arrays if k.startswith("net.")}
+    if names and names != set(state):  # none: the untrained student, the model's own weights
+        raise BadInput(
+            f"{where}: its weights are for another network than {model.spec} "
+            f"({len(names ^ set(state))} parameter names differ)"
+        )
+    weights = {name: artifact.array(f"net.{name}", shape=tuple(ref.shape)) for name, ref in state.items() if names}
+    if s.variable:
+        lo, hi = max(s.sigma_min, model.sigma_min), min(s.sigma_max, model.sigma_max)
+        if not (0 < lo < hi and s.rho > 0):
             raise BadInput(
-                f"{artifact.path}: its weights are for another network than {model.spec} "
-                f"({len(names ^ set(state))} parameter names differ)"
+                f"{where}: meta.student: need 0 < sigma_min < sigma_max (within the model's range) and rho > 0, "
+                f"got sigma_min={s.sigma_min}, sigma_max={s.sigma_max}, rho={s.rho}"
             )
-        for name, ref in state.items():
-            state[name] = torch.from_numpy(artifact.array(f"net.{name}", shape=tuple(ref.shape))).to(ref.dtype)
-        den.net.load_state_dict(state)
+        grid = student_grid(s, model, s.nfe)
+    else:
+        stored = artifact.array("grid", ndim=1)
+        steps = s.nfe + (1 if s.afs else 0)
+        if len(stored) != steps + 1 or np.any(np.diff(stored) >= 0) or stored[-1] <= 0:
+            raise BadInput(f"{where}: array 'grid' must hold {steps + 1} decreasing positive sigmas (NFE {s.nfe})")
+        grid = torch.tensor(stored)
+    den = copy.deepcopy(model)
+    if weights:
+        own = den.net.state_dict()
+        den.net.load_state_dict({k: torch.from_numpy(v).to(own[k].dtype) for k, v in weights.items()})
     den.net.eval().requires_grad_(False)
-    grid = student_grid(s, model, s.nfe) if s.variable else torch.tensor(artifact.array("grid", ndim=1))
     return SFDSolver(den, s, grid, s.nfe, s.nfe if s.variable else None)
 
 
@@ -241,5 +259,6 @@ register(
         untrained,
         "fine-tunes the network for few steps (SFD, SFD-v)",
         work=lambda s, t: t.iterations,
+        arrays=("net.*", "grid"),
     )
 )

@@ -1,11 +1,13 @@
 """`sdistill teacher`: integrate the ODE accurately from seeds [seed, seed+N) and fill the cache, resumably.
 
 The solver runs on the main thread while a background thread streams finished batches to disk, so writing
-costs (almost) nothing next to the integration.
+costs (almost) nothing next to the integration. One writer at a time: the cache's writer lock is taken before
+anything in the folder changes and released however the run ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import shutil
 import threading
@@ -20,7 +22,7 @@ import torch
 
 from .. import __version__
 from ..devices import resolve_device, resolve_dtype
-from ..errors import BadInput
+from ..errors import BadInput, RunFailed
 from ..generate import initial_noise
 from ..grids import make_grid
 from ..models import resolve
@@ -30,9 +32,16 @@ from ..solvers.base import Step, call
 from .cache import (
     FORMAT,
     FORMAT_VERSION,
+    SHARD_NAME,
+    CacheLock,
+    CacheUnwritable,
+    LockHeld,
     ShardWriter,
-    check_shard_files,
+    coverage_gaps,
     read_manifest,
+    reason,
+    shard_problem,
+    shown,
     spec_differences,
     write_json_atomic,
 )
@@ -44,6 +53,7 @@ STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def teacher_spec(recipe: Recipe, model: Denoiser) -> dict:
+    """The manifest's `spec` for this recipe and model: what a cache must match to be reused."""
     t = recipe.teacher
     info = get_solver(t.solver)
     grid = make_grid(t.schedule, t.steps, model.sigma_min, model.sigma_max)
@@ -91,6 +101,7 @@ class BackgroundWriter:
     def __init__(self, depth: int = 2) -> None:
         self.jobs: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.cancelled = False
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
@@ -99,26 +110,37 @@ class BackgroundWriter:
             job = self.jobs.get()
             if job is None:
                 return
-            if self.error is None:
+            if self.error is None and not self.cancelled:
                 try:
                     job()
                 except BaseException as e:  # reported by submit/close on the main thread
                     self.error = e
 
     def submit(self, job: Callable[[], Any]) -> None:
+        """Queue a job (blocks while the queue is full); raises the first error of an earlier job."""
         if self.error:
             raise self.error
         self.jobs.put(job)
 
     def close(self) -> None:
+        """Run what is queued, stop the thread, and raise the first error of any job."""
         self.jobs.put(None)
         self.thread.join()
         if self.error:
             raise self.error
 
+    def abandon(self) -> None:
+        """Skip what is still queued and wait for the job in progress (a second interrupt while closing)."""
+        self.cancelled = True
+        with contextlib.suppress(queue.Full):
+            self.jobs.put_nowait(None)
+        self.thread.join(timeout=60)
+
 
 @dataclass
 class TeacherReport:
+    """What a teacher run did: samples in total, integrated now and reused, seconds, NFE per sample."""
+
     root: Path
     total: int
     generated: int
@@ -128,21 +150,29 @@ class TeacherReport:
 
 
 def plan_shards(manifest: dict, num: int, shard_size: int) -> list[tuple[str, int, int]]:
-    """Shards still to write: bad ones again over their exact range, then new ones from the end of coverage."""
-    todo = [(s["name"], s["start"], s["count"]) for s in manifest["shards"] if s["status"] != "ok"]
-    covered = max((s["start"] + s["count"] for s in manifest["shards"]), default=0)
-    index = len(manifest["shards"])
-    while covered < num:
-        count = min(shard_size, num - covered)
-        todo.append((f"shard-{index:06d}", covered, count))
-        covered += count
-        index += 1
-    return todo
+    """Shards still to write for samples [0, num): bad ones again over their range (cut at `num`), then new ones
+    for every gap in coverage and from the end of coverage. New shards get names after the highest in use."""
+    todo = []
+    shards = []
+    for s in manifest["shards"]:
+        if s["status"] != "ok" and s["start"] < num:
+            count = min(s["count"], num - s["start"])
+            todo.append((s["name"], s["start"], count))
+            shards.append({**s, "count": count})
+        else:
+            shards.append(s)
+    index = 1 + max((int(s["name"][len("shard-") :]) for s in shards), default=-1)
+    for start, count in coverage_gaps(shards, upto=num):
+        for b in range(start, start + count, shard_size):
+            todo.append((f"shard-{index:06d}", b, min(shard_size, start + count - b)))
+            index += 1
+    return sorted(todo, key=lambda t: t[1])
 
 
 @dataclass
 class TeacherJob:
-    """A teacher run with its spec checked against the cache and what is left to integrate planned."""
+    """A teacher run with its spec checked against the cache and what is left to integrate planned. While there
+    is something to write it holds the cache's writer lock; `run` (or `release`) gives it back."""
 
     recipe: Recipe
     model: object
@@ -150,6 +180,8 @@ class TeacherJob:
     root: Path
     manifest: dict
     todo: list[tuple[str, int, int]]
+    lock: CacheLock | None = None
+    ran: bool = False
 
     @property
     def missing(self) -> int:
@@ -157,52 +189,121 @@ class TeacherJob:
         return sum(count for _, _, count in self.todo)
 
     def run(self, progress: Callable[..., Any] | None = None, write: bool = True) -> TeacherReport:
-        """Integrate what is missing (the recipe's teacher.precision for the network), writing shard by shard."""
+        """Integrate what is missing (the recipe's teacher.precision for the network), writing shard by shard;
+        the lock is released however this ends."""
+        if self.ran:
+            raise RuntimeError("a TeacherJob runs once: plan again with prepare_teacher")
+        self.ran = True
         previous = self.model.precision
-        self.model.set_precision(self.recipe.teacher.precision)
         try:
+            self.model.set_precision(self.recipe.teacher.precision)
             return _integrate(self, progress, write)
         finally:
             self.model.set_precision(previous)
+            self.release()
+
+    def release(self) -> None:
+        """Give back the writer lock without running (safe to call more than once)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> TeacherJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
-def prepare_teacher(recipe: Recipe, model: Denoiser | None = None, overwrite: bool = False) -> TeacherJob:
+def make_cache_folder(root: Path) -> None:
+    """Create the cache folder (and its parents); BadInput with the path and the reason when that fails."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BadInput(f"teacher.cache: {shown(root)} exists and is not a folder") from None
+    except OSError as e:
+        raise BadInput(f"teacher.cache: cannot create the cache folder {shown(root)}: {reason(e)}") from None
+
+
+def _clear_cache(root: Path) -> None:
+    """--overwrite: remove what a cache consists of, nothing else (the folder may hold the user's other files)."""
+    for p in root.iterdir():
+        if p.name in ("manifest.json", "manifest.json.tmp") or SHARD_NAME.fullmatch(p.name.removesuffix(".tmp")):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def prepare_teacher(
+    recipe: Recipe, model: Denoiser | None = None, overwrite: bool = False, verify: bool = False
+) -> TeacherJob:
     """Open (or create) the recipe's cache and plan the shards left to write. `model`: the recipe's model
-    already resolved by the caller (else resolved here on teacher.device in teacher.compute_dtype)."""
+    already resolved by the caller (else resolved here on teacher.device in teacher.compute_dtype). `verify`:
+    also check the CRC-32 of every finished shard (`sdistill teacher` does; readers check what they map).
+
+    The cache's writer lock is taken before anything in the folder changes and kept by the job while it has
+    something to write. Another live writer (or a folder that cannot be written) makes this BadInput naming the
+    lock and its owner (or the folder and the reason), unless nothing is left to write: then the job only reads,
+    which is safe while another run adds shards."""
     t = recipe.teacher
-    if model is None:
-        model = resolve(recipe.model.spec, device=resolve_device(t.device), dtype=resolve_dtype(t.compute_dtype))
-    spec = teacher_spec(recipe, model)
     root = recipe.cache_dir()
-    manifest = read_manifest(root) if root.exists() else None
-    if manifest is not None and not overwrite:
-        diffs = spec_differences(manifest["spec"], spec)
-        if diffs:
-            raise BadInput(
-                f"{root}: the cache was made with another spec; differs in: {', '.join(diffs)}. "
-                "Use another teacher.cache folder, or --overwrite to replace it"
-            )
-    if manifest is None or overwrite:
-        if overwrite and root.exists():
-            shutil.rmtree(root)
+    make_cache_folder(root)
+    # Without the lock (another live writer, or a folder we cannot write, e.g. a read-only copy) the job may
+    # still read a cache that has everything it needs; anything to write re-raises why it could not lock.
+    held: LockHeld | CacheUnwritable | None = None
+    lock: CacheLock | None = None
+    try:
+        lock = CacheLock.acquire(root)
+    except (LockHeld, CacheUnwritable) as e:
+        if overwrite:
+            raise
+        held = e
+    try:
+        if model is None:
+            model = resolve(recipe.model.spec, device=resolve_device(t.device), dtype=resolve_dtype(t.compute_dtype))
+        spec = teacher_spec(recipe, model)
+        manifest = None if overwrite else read_manifest(root)
+        if manifest is not None:
+            diffs = spec_differences(manifest["spec"], spec)
+            if diffs:
+                raise BadInput(
+                    f"{shown(root)}: the cache was made with another spec; differs in: {', '.join(diffs)}. "
+                    "Use another teacher.cache folder, or --overwrite to replace it"
+                )
+        if held is not None and manifest is None:
+            raise held
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            if manifest is None:
+                if overwrite:
+                    _clear_cache(root)
+                manifest = {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "version": __version__,
+                    "spec": spec,
+                    "shards": [],
+                }
+                write_json_atomic(root / "manifest.json", manifest)
+            if lock is not None:  # only the lock holder may touch another run's leftovers
+                for leftover in root.glob("shard-*.tmp"):  # a shard in progress when a previous run died
+                    shutil.rmtree(leftover)
         except OSError as e:
-            raise BadInput(f"teacher.cache: cannot create {str(root)!r}: {e.strerror or e}") from None
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "version": __version__,
-            "spec": spec,
-            "shards": [],
-        }
-        write_json_atomic(root / "manifest.json", manifest)
-    for leftover in root.glob("shard-*.tmp"):  # a shard in progress when a previous run died
-        shutil.rmtree(leftover, ignore_errors=True)
-    for shard in manifest["shards"]:
-        if shard["status"] == "ok" and check_shard_files(root, shard, t.steps, model.shape, spec["cond_shape"]):
-            shard["status"] = "bad"
-    return TeacherJob(recipe, model, spec, root, manifest, plan_shards(manifest, t.num_samples, t.shard_size))
+            raise BadInput(f"{shown(e.filename or root)}: cannot write the teacher cache: {reason(e)}") from None
+        for shard in manifest["shards"]:
+            if shard["status"] == "ok" and shard_problem(root, shard, spec, checksums=verify):
+                shard["status"] = "bad"
+        todo = plan_shards(manifest, t.num_samples, t.shard_size)
+        if held is not None and todo:
+            raise held
+        job = TeacherJob(recipe, model, spec, root, manifest, todo, lock if todo else None)
+        if not todo and lock is not None:
+            lock.release()
+        return job
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
 def run_teacher(
@@ -211,9 +312,33 @@ def run_teacher(
     progress: Callable[..., Any] | None = None,
     write: bool = True,
     model: Denoiser | None = None,
+    verify: bool = False,
 ) -> TeacherReport:
     """`sdistill teacher`: fill the recipe's cache, resuming where a previous run stopped."""
-    return prepare_teacher(recipe, model, overwrite).run(progress, write)
+    return prepare_teacher(recipe, model, overwrite, verify).run(progress, write)
+
+
+def _check_finite(x: torch.Tensor, den: torch.Tensor, store: type, seeds: Sequence[int], recipe: Recipe) -> None:
+    """Refuse to cache states or denoiser outputs that are not finite in the storage dtype (they would poison
+    every student trained on them)."""
+    limit = float(np.finfo(store).max)
+    for name, a in (("states", x), ("denoiser outputs", den)):
+        if not bool(torch.isfinite(a).all()) or bool((a.abs() > limit).any()):
+            t = recipe.teacher
+            tries = [
+                f"teacher.{k} {v}"
+                for k, v, now in (
+                    ("precision", "fp32", t.precision),
+                    ("compute_dtype", "float64", t.compute_dtype),
+                    ("dtype", "float32", t.dtype),
+                )
+                if now != v
+            ]
+            raise RunFailed(
+                f"the teacher's {name} for seeds {seeds[0]}..{seeds[-1]} are not finite in teacher.dtype {t.dtype} "
+                f"(teacher.precision {t.precision}, compute_dtype {t.compute_dtype}); nothing of this shard was "
+                f"recorded{'. Try ' + ' or '.join(tries) if tries else ''}"
+            )
 
 
 def _integrate(job: TeacherJob, progress: Callable[..., Any] | None, write: bool) -> TeacherReport:
@@ -227,23 +352,31 @@ def _integrate(job: TeacherJob, progress: Callable[..., Any] | None, write: bool
         with lock:
             manifest["shards"] = [s for s in manifest["shards"] if s["name"] != entry["name"]] + [entry]
             manifest["shards"].sort(key=lambda s: s["start"])
-            write_json_atomic(root / "manifest.json", manifest)
+            try:
+                write_json_atomic(root / "manifest.json", manifest)
+            except OSError as e:
+                raise BadInput(
+                    f"{shown(root / 'manifest.json')}: cannot write: {reason(e)}; finished shards on disk are "
+                    "redone by the next run"
+                ) from None
 
     generated, start_time = 0, time.time()
     writer = BackgroundWriter() if write else None
-    shard = None
+    shards: list[ShardWriter] = []  # every shard started, so a failure can remove the unfinished ones
     try:
         for name, start, count in todo:
-            shard = (
-                ShardWriter(root, name, start, count, t.steps, model.shape, store, spec["grid"], spec["cond_shape"])
-                if write
-                else None
-            )
+            shard = None
+            if write:
+                shard = ShardWriter(
+                    root, name, start, count, t.steps, model.shape, store, spec["grid"], spec["cond_shape"]
+                )
+                shards.append(shard)
             for b0 in range(start, start + count, t.batch):
                 seeds = list(range(t.seed + b0, t.seed + min(b0 + t.batch, start + count)))
                 z = initial_noise(seeds, model.shape, model.dtype, model.device)
                 cond = draw_cond(model, seeds)
                 x, den = integrate_batch(model, spec["solver"], grid, z, cond)
+                _check_finite(x, den, store, seeds, job.recipe)
                 arrays = (
                     np.asarray(seeds),
                     z.cpu().float().numpy(),
@@ -258,19 +391,18 @@ def _integrate(job: TeacherJob, progress: Callable[..., Any] | None, write: bool
                     progress(len(seeds))
             if writer:
                 writer.submit(lambda s=shard: commit(s.finish()))
-                shard = None
+        if writer:
+            done, writer = writer, None
+            done.close()  # the last shard's errors surface here, still inside this try
     except BaseException:
         if writer:
             try:
                 writer.close()  # let queued writes of earlier shards land; their commits are already queued
-            except BaseException:
-                pass  # the first error is the one to report
+            except BaseException:  # the first error is the one to report
+                writer.abandon()
             writer = None
-        if shard is not None:
-            shard.abort()
+        for shard in shards:
+            shard.abort()  # no-op for finished shards; removes the .tmp of the others
         raise
-    finally:
-        if writer:
-            writer.close()
     nfe = t.steps * get_solver(spec["solver"]).calls_per_step + 1
     return TeacherReport(root, t.num_samples, generated, t.num_samples - generated, time.time() - start_time, nfe)
