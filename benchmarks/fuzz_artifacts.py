@@ -11,7 +11,12 @@ installed `sdistill` executable instead, and `--sdistill CMD` runs the cases wit
 `--sdistill "env PYTHONPATH=/tmp/old python -m solverdistill"`; the valid artifacts are still made here).
 
 Usage: python benchmarks/fuzz_artifacts.py [--workers N] [--only SUBSTRING] [--keep DIR] [--spawn | --sdistill CMD]
-Prints one row per case and the counts; exits 1 if any case failed. About 2 minutes on 2 cores."""
+Prints one row per case and the counts; exits 1 if any case failed. About 2 minutes on 2 cores.
+
+Run it as an unprivileged user or on a throwaway machine, and never point it (`--sdistill`, `--exec` with another
+checkout) at an older sdistill as root: its cases are hostile on purpose, and a version without the checks follows
+them (an older cache reader deleted the folder an absolute shard name pointed at).
+"""
 
 from __future__ import annotations
 

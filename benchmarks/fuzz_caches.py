@@ -17,6 +17,10 @@ solverdistill ARGS` does, without paying 2 s of interpreter and torch start per 
 `python -m solverdistill` itself. Run as root, the commands run through `setpriv` without the capabilities that
 override file permissions (so unreadable folders are unreadable). Exit status 1 when any case is a FAILURE.
 About a minute on 2 cores (`--exec`: about 10).
+
+Run it as an unprivileged user or on a throwaway machine, and never point it (`--sdistill`, `--exec` with another
+checkout) at an older sdistill as root: its cases are hostile on purpose, and a version without the checks follows
+them (an older cache reader deleted the folder an absolute shard name pointed at).
 """
 
 from __future__ import annotations
@@ -134,6 +138,14 @@ def _header_huge_shape(c: Case):
     path.write_bytes((header[:start] + huge + header[stop:]).encode("latin1") + data[end:])
 
 
+def _absolute_name(c: Case) -> None:
+    """Shard 1's name becomes the absolute path of a decoy folder inside this case."""
+    decoy = c.folder / "decoy"
+    decoy.mkdir(exist_ok=True)
+    (decoy / "keep.txt").write_text("must survive")
+    c.manifest(_set(["shards", 1, "name"], str(decoy)))
+
+
 class Evil:
     """Unpickling this creates the marker file: a data file holding it must never be unpickled."""
 
@@ -236,7 +248,9 @@ def cases() -> list[tuple[str, object]]:
         ("start overlapping", lambda c: c.manifest(_set(["shards", 2, "start"], 12))),
         ("entry deleted (gap)", lambda c: c.manifest(_pop(["shards", 1]))),
         ("name ../clean/shard-000001", lambda c: c.manifest(_set(["shards", 1, "name"], "../clean/shard-000001"))),
-        ("name absolute", lambda c: c.manifest(_set(["shards", 1, "name"], "/etc"))),
+        # An absolute name points at a decoy folder of this case, never at a system path: a reader that followed
+        # it (an older sdistill did, and its cleanup deleted what the name pointed at) must only ever hit the decoy.
+        ("name absolute", _absolute_name),
         ("name duplicated", lambda c: c.manifest(_set(["shards", 2, "name"], "shard-000001"))),
         ("status unknown", lambda c: c.manifest(_set(["shards", 1, "status"], "maybe"))),
         # shard files: flipped, NaN, swapped, truncated, deleted, hostile headers, pickles, links, FIFOs

@@ -13,6 +13,10 @@ outside the mutation's own folder are listed too (only the `../` mutations may d
 not as expected.
 
 Usage: python benchmarks/fuzz_recipes.py [--jobs N] [--timeout S] [--only SUBSTRING] [--keep]
+
+Run it as an unprivileged user or on a throwaway machine, and never point it (`--sdistill`, `--exec` with another
+checkout) at an older sdistill as root: its cases are hostile on purpose, and a version without the checks follows
+them (an older cache reader deleted the folder an absolute shard name pointed at).
 """
 
 import argparse
