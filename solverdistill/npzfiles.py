@@ -66,10 +66,15 @@ def ensure_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
 
 
 def write_npz(path: Path, meta: dict, **arrays: Any) -> None:
-    """Write `meta` (as JSON) and the arrays atomically: a reader never sees half a file."""
+    """Write `meta` (as JSON) and the arrays atomically: a reader never sees half a file. A failed write (a full
+    disk, a vanished folder) removes its temporary file and is bad input naming the path and the reason."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, meta=np.array(json.dumps(meta)), **{k: np.asarray(v) for k, v in arrays.items()})
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, meta=np.array(json.dumps(meta)), **{k: np.asarray(v) for k, v in arrays.items()})
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise BadInput(f"{path}: cannot write: {e.strerror or e}; nothing was written") from None
 
 
 def read_meta(npz: Mapping[str, np.ndarray]) -> dict:

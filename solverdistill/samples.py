@@ -160,7 +160,10 @@ def run_sample(
         shown_x = arrays["images"]
         refuse_non_finite(torch.from_numpy(shown_x), solver, den.spec, num, "decoded images")
     write_npz(out / "samples.npz", meta, **arrays)
-    pictures = save_pictures(shown_x, out, png_each=png, title=f"{meta['solver']}, NFE {res.nfe}")
+    try:
+        pictures = save_pictures(shown_x, out, png_each=png, title=f"{meta['solver']}, NFE {res.nfe}")
+    except OSError as e:  # samples.npz is written; only the pictures are missing
+        raise BadInput(f"{out}: wrote samples.npz but cannot write its pictures: {e.strerror or e}") from None
     shown = ", ".join(str(pth) for pth in [out / "samples.npz", *pictures])
     return (
         f"{num} samples, {meta['solver']}, NFE {res.nfe} ({res.network_passes} network passes), "

@@ -193,3 +193,21 @@ def test_ensure_dir(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(BadInput, match="--grid: cannot write to"):
         ensure_dir(tmp_path / "f" / "sub", "--grid")
+
+
+def test_full_disk_while_writing_samples_is_bad_input_and_leaves_nothing(tmp_path, cli, monkeypatch):
+    """Issue 12 item 7: a full disk gives exit 2 naming the file and the reason, and no temporary file stays."""
+    import errno
+
+    from solverdistill import npzfiles
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(npzfiles.np, "savez", full)
+    r = cli(
+        "sample", "--model", "gmm:tiny", "--solver", "euler", "--nfe", 3, "--num", 2, "--out", tmp_path / "s", "--quiet"
+    )
+    assert r.exit_code == 2, r.output
+    assert "samples.npz: cannot write: No space left on device" in r.output and "Traceback" not in r.output
+    assert list((tmp_path / "s").iterdir()) == []
