@@ -206,16 +206,21 @@ def _lock_is_stale(owner: dict) -> bool:
     return not _pid_alive(owner["pid"])
 
 
-def _write_new_lock(path: Path, text: str, token: str) -> None:
-    """Create the lock file with its content all at once (write a private file, then hard-link it into place:
-    the link fails if a lock exists, and a reader never sees a half-written lock)."""
-    tmp = path.with_name(f"{path.name}.{token}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+def _create_exclusive(path: Path, text: str) -> None:
+    """Create `path` (failing if it exists) holding `text`, on disk before it returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, text.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_new_lock(path: Path, text: str, token: str) -> None:
+    """Create the lock file with its content all at once (write a private file, then hard-link it into place:
+    the link fails if a lock exists, and a reader never sees a half-written lock)."""
+    tmp = path.with_name(f"{path.name}.{token}")
+    _create_exclusive(tmp, text)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -224,12 +229,7 @@ def _write_new_lock(path: Path, text: str, token: str) -> None:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
             raise
         # No hard links on this filesystem: exclusive create (under the guard, nobody reads it half-written).
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _create_exclusive(path, text)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
