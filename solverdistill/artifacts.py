@@ -25,6 +25,7 @@ import yaml
 from . import __version__
 from .errors import BadInput
 from .npzfiles import LazyArrays, NotNPZ, NPZReader, one_line, write_npz
+from .recipes import BoundedLoader, shown
 
 FORMAT, FORMAT_VERSION = "sdistill-solver", 1
 REQUIRED_META = ("format", "format_version", "method", "nfe", "model_fingerprint")
@@ -176,23 +177,17 @@ def _read_npz(p: Path) -> tuple[dict, Mapping[str, np.ndarray]]:
         ) from None
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """The safe loader without aliases: `*ref` can make a small file expand into an enormous document."""
+class _ArtifactLoader(BoundedLoader):
+    """The recipes' bounded safe loader (no aliases: `*ref` can make a small file expand enormously)."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in an artifact", event.start_mark
-            )
-        return super().compose_node(parent, index)
+    document = "an artifact"
 
 
 def _read_yaml(p: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if p.stat().st_size > MAX_YAML_BYTES:
         raise BadInput(f"{p}: a YAML artifact of {p.stat().st_size >> 20} MiB; at most {MAX_YAML_BYTES >> 20} MiB")
     try:
-        doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # a SafeLoader subclass
+        doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_ArtifactLoader)  # a SafeLoader subclass
     except UnicodeDecodeError:
         raise BadInput(f"{p}: not an NPZ or YAML solver artifact (not UTF-8 text)") from None
     except OSError as e:
@@ -289,12 +284,6 @@ META_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def short(value: Any, limit: int = 60) -> str:
-    """A value's repr, cut for a one-line message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def check_meta(meta: Any, p: Path) -> None:
     """The required keys, the format and its version, then the type of every key the engine reads."""
     if not isinstance(meta, dict):
@@ -303,19 +292,19 @@ def check_meta(meta: Any, p: Path) -> None:
     if missing:
         raise BadInput(f"{p}: meta lacks {', '.join(missing)}")
     if meta["format"] != FORMAT:
-        raise BadInput(f"{p}: meta.format is {short(meta['format'])}, expected {FORMAT!r}")
+        raise BadInput(f"{p}: meta.format is {shown(meta['format'])}, expected {FORMAT!r}")
     if meta["format_version"] != FORMAT_VERSION or not _is_int(meta["format_version"]):
         raise BadInput(
-            f"{p}: unknown format_version {short(meta['format_version'])}; this sdistill reads version {FORMAT_VERSION}"
+            f"{p}: unknown format_version {shown(meta['format_version'])}; this sdistill reads version {FORMAT_VERSION}"
         )
     for key, (ok, expected) in META_CHECKS.items():
         if key in meta and not ok(meta[key]):
-            raise BadInput(f"{p}: meta.{key}: expected {expected}, got {short(meta[key])}")
+            raise BadInput(f"{p}: meta.{key}: expected {expected}, got {shown(meta[key])}")
     # meta.student is validated like a recipe section, which expands ${VAR}: a file must not read the environment
     # (DLMS would copy the value into samples.npz). `distill` stores settings expanded, so none holds "${".
     for key, value in (meta.get("student") or {}).items():
         if isinstance(value, str) and "${" in value:
-            raise BadInput(f"{p}: meta.student.{key}: ${{...}} is not expanded in an artifact, got {short(value)}")
+            raise BadInput(f"{p}: meta.student.{key}: ${{...}} is not expanded in an artifact, got {shown(value)}")
 
 
 def declared_arrays(method: str) -> tuple[str, ...] | None:

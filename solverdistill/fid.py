@@ -379,7 +379,7 @@ def make_ref(
     images: str, out: str, features: str, mode: str, batch: int, device: torch.device | str, inception: str | None
 ) -> tuple[Path, int]:
     """Reference statistics of `images` written to exactly `out` (a .npz path, checked before any work)."""
-    from .pipeline import check_output
+    from .npzfiles import check_output
 
     check_options(features, mode, batch)
     path = check_output(Path(out), "--out")

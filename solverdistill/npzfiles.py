@@ -9,6 +9,7 @@ import json
 import math
 import os
 import struct
+import tempfile
 import weakref
 import zipfile
 import zlib
@@ -63,6 +64,24 @@ def ensure_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     except OSError as e:
         raise BadInput(f"{flag}: cannot write to {str(p)!r}: {e.strerror or e}") from None
     return p
+
+
+def check_output(path: Path, flag: str) -> Path:
+    """Fail (bad input naming `flag`) when `path` cannot become a file: it is a folder, a parent is a file, or the
+    nearest existing folder refuses a new file. Creates nothing, so a run that fails later leaves no folder."""
+    if path.is_dir():
+        raise BadInput(f"{flag}: {str(path)!r} is a folder; give the file to write (e.g. {path / 'a.npz'})")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"{flag}: cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise BadInput(f"{flag}: cannot write {str(path)!r}: {str(parent)!r}: {e.strerror or e}") from None
+    return path
 
 
 def write_npz(path: Path, meta: dict, **arrays: Any) -> None:

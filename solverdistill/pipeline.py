@@ -5,7 +5,6 @@ resolved once and its cache opened once per command."""
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import BadInput
 from .evaluation import heldout_rmse
 from .models import resolve
+from .npzfiles import check_output
 from .recipes import Recipe, outside_note, path_notes, shown
 from .solvers import get as get_solver
 from .solvers import sweep
@@ -105,24 +105,6 @@ class DistillReport:
     seconds: float
     teacher_built: bool
     metrics: dict = field(default_factory=dict)
-
-
-def check_output(path: Path, flag: str) -> Path:
-    """Fail (bad input naming `flag`) when `path` cannot become a file: it is a folder, a parent is a file, or the
-    nearest existing folder refuses a new file. Creates nothing, so a run that fails later leaves no folder."""
-    if path.is_dir():
-        raise BadInput(f"{flag}: {str(path)!r} is a folder; give the file to write (e.g. {path / 'a.npz'})")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise BadInput(f"{flag}: cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise BadInput(f"{flag}: cannot write {str(path)!r}: {str(parent)!r}: {e.strerror or e}") from None
-    return path
 
 
 def distill(

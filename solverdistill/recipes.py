@@ -184,19 +184,21 @@ def _check_str(value: str, key: str, limits: Mapping[str, Any]) -> str:
     return value
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader with bounds. Aliases (`*name`) are refused altogether: recipes never need them, and a few
+class BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader with bounds, for every YAML file we read (recipes, YAML artifacts). Aliases (`*name`) are refused altogether: recipes never need them, and a few
     nested ones make a value that is gigabytes once anything walks it (repr, JSON, a deep copy). Nesting is at
     most MAX_DEPTH levels (the composer recurses), duplicate keys are an error (YAML would keep the last one
     silently), and integers are at most 40 characters (bigger ones are refused anyway, and base-60 `1:2:...`
     integers of thousands of parts take minutes to build)."""
+
+    document = "recipes"  # what the alias message names
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             raise yaml.composer.ComposerError(
                 None,
                 None,
-                "aliases (*name) are not allowed in recipes; write the value out",
+                f"aliases (*name) are not allowed in {self.document}; write the value out",
                 self.peek_event().start_mark,
             )
         depth = getattr(self, "_depth", 0)
@@ -230,11 +232,11 @@ class _RecipeLoader(yaml.SafeLoader):
 
 
 # The table holds plain functions, so the override must be registered to be used.
-_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
+BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
 
 
 def _parse_yaml(raw: bytes, p: Path) -> Any:
-    """A recipe file's bytes -> plain data through _RecipeLoader; anything malformed is one line of bad input."""
+    """A recipe file's bytes -> plain data through BoundedLoader; anything malformed is one line of bad input."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -242,7 +244,7 @@ def _parse_yaml(raw: bytes, p: Path) -> Any:
             f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); a recipe is YAML"
         ) from None
     try:
-        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: nothing in a recipe runs
+        return yaml.load(text, Loader=BoundedLoader)  # a SafeLoader: nothing in a recipe runs
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -17,6 +17,7 @@ and the gradient windows of training.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -51,7 +52,7 @@ class Weights:
     sigma_next: Sigma
 
 
-class CoefficientSource:
+class CoefficientSource(ABC):
     """Where a step's weights come from. `steps` steps over a history of `history` outputs; `uses_d` says whether
     any weight falls on the directions d (so the loop keeps them)."""
 
@@ -59,9 +60,9 @@ class CoefficientSource:
     history: int
     uses_d: bool = False
 
+    @abstractmethod
     def sigma(self, i: int) -> Sigma:
         """The time of x_i (a float, or [B] for a per-sample grid)."""
-        raise NotImplementedError
 
     def first_sigma(self) -> float:
         """The time every sample starts at (where an analytical first step is taken)."""
@@ -72,16 +73,17 @@ class CoefficientSource:
         """The time the network is asked at for x_i (DLMS's time scaling moves it); the state's own by default."""
         return self.sigma(i)
 
+    @abstractmethod
     def weights(self, i: int, denoised: torch.Tensor, called: bool) -> Weights:
         """Step i's weights, once D_i is known (`called` is False on an analytical first step)."""
-        raise NotImplementedError
 
     def corrector(self, i: int) -> Optional[Sequence[float]]:
         """Weights e_i refining x_i with D_i, or None."""
         return None
 
     def detach(self) -> None:
-        """Cut the autograd graph of any per-sample state (a gradient window ended)."""
+        """Cut the autograd graph of any per-sample state (a gradient window ended); stateless sources have none."""
+        return None
 
 
 class TableSource(CoefficientSource):
