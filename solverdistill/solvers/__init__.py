@@ -16,7 +16,7 @@ import torch
 
 from .. import grids
 from ..errors import BadInput
-from .base import Callback, Solver, Step
+from .base import Callback, Solver, Step, dynamic_threshold
 from .multistep import Table, TableSource, run_multistep
 from .singlestep import sample_dpm2, sample_heun
 from .tables import deis_table, dpmpp_table, euler_table, ipndm_table, unipc_table
@@ -33,6 +33,7 @@ class SolverInfo:
     run: Callable | None = None  # one-step solvers: their own loop
     aliases: tuple[str, ...] = ()
     options: tuple[str, ...] = field(default=())  # keyword options the table builder takes
+    data_prediction: bool = False  # the update reads D only: a protocol's thresholding applies to it
 
     def solve(
         self,
@@ -44,20 +45,36 @@ class SolverInfo:
         afs: bool = False,
         callback: Optional[Callback] = None,
         on_step: Optional[Callable] = None,
+        protocol: str = "default",
         **options: Any,
     ) -> torch.Tensor:
         """Integrate x over the grid `sigmas` (the teacher calls this directly; samplers go through a Plan).
         `on_step` is the stepping core's training hook (multistep solvers only)."""
         if self.table is not None:
-            source = TableSource(self.make_table(sigmas, **options), sigmas)
-            return run_multistep(model, x, source, cond=cond, afs=afs, callback=callback, on_step=on_step)
+            return run_multistep(
+                model,
+                x,
+                self.source(sigmas, protocol, **options),
+                cond=cond,
+                afs=afs,
+                callback=callback,
+                on_step=on_step,
+            )
         if on_step is not None:
             raise TypeError(f"{self.name} has its own loop: no on_step hook")
         return self.run(model, x, sigmas, cond=cond, afs=afs, callback=callback)
 
+    def source(self, sigmas: torch.Tensor, protocol: str = "default", **options: Any) -> TableSource:
+        """The coefficient source of this multistep solver on `sigmas` under `protocol` (docs/solvers.md
+        "Protocols"): its table, with the protocol's table options and thresholding."""
+        rules = protocol_rules(protocol)
+        table = self.make_table(sigmas, **{**options, **rules.table_options.get(self.name, {})})
+        return TableSource(table, sigmas, threshold=rules.threshold if self.data_prediction else None)
+
     def make_table(self, sigmas: torch.Tensor, **options: Any) -> Table:
         """Coefficients depend only on the grid: built once per grid and options, not per batch."""
-        kept = tuple(sorted((k, v) for k, v in options.items() if k in self.options))
+        known = self.options + PROTOCOL_TABLE_OPTIONS
+        kept = tuple(sorted((k, v) for k, v in options.items() if k in known))
         return _cached_table(self.name, tuple(float(s) for s in sigmas), kept)
 
     def steps_for(self, nfe: int, afs: bool) -> int:
@@ -106,6 +123,7 @@ register(
         "DPM-Solver++(2M), data prediction",
         table=partial(dpmpp_table, max_order=2),
         options=("lower_order_final",),
+        data_prediction=True,
     )
 )
 register(
@@ -118,17 +136,81 @@ register(
         table=partial(dpmpp_table, max_order=3),
         options=("lower_order_final",),
         aliases=("dpm++",),
+        data_prediction=True,
     )
 )
 register(
     SolverInfo(
-        "unipc", 3, 1, "logsnr", "UniPC bh2, order 3, free corrector", table=unipc_table, options=("lower_order_final",)
+        "unipc",
+        3,
+        1,
+        "logsnr",
+        "UniPC bh2, order 3, free corrector",
+        table=unipc_table,
+        options=("lower_order_final",),
+        data_prediction=True,
     )
 )
 register(
     SolverInfo("ipndm", 4, 1, "polynomial:7", "improved PNDM (fixed Adams-Bashforth coefficients)", table=ipndm_table)
 )
-register(SolverInfo("deis", 3, 1, "time_uniform:2", "DEIS tAB-3 (polynomial in VP time)", table=deis_table))
+register(
+    SolverInfo(
+        "deis",
+        4,
+        1,
+        "time_uniform:2",
+        "DEIS tAB3: cubic in VP time through four nodes (deis:order=R for tAB-R)",
+        table=deis_table,
+        options=("order",),
+    )
+)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a published code base runs the same algorithms (docs/solvers.md "Protocols"): a transform of every D
+    that data-prediction solvers read, and table options per solver."""
+
+    name: str
+    threshold: Callable | None = None
+    table_options: dict = field(default_factory=dict)
+
+
+PROTOCOLS = {
+    "default": Protocol("default"),
+    # zju-pi/diff-sampler, whose baselines the DLMS, AMED, GITS and SFD tables quote: dynamic thresholding
+    # (quantile 0.995, floor 1) of D in DPM-Solver++ and UniPC; DEIS tAB3 with its tau range and Riemann sum.
+    "diff-sampler": Protocol("diff-sampler", dynamic_threshold, {"deis": {"vp_ends": (0.002, 80.0), "riemann": 10000}}),
+}
+PROTOCOL_TABLE_OPTIONS = ("vp_ends", "riemann")
+
+
+def protocol_rules(name: str) -> Protocol:
+    """A protocol by name; unknown names are bad input naming --protocol."""
+    if name not in PROTOCOLS:
+        raise BadInput(f"--protocol: unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def split_options(name: str) -> tuple[str, dict]:
+    """`deis:order=2` -> ("deis", {"order": 2}): a solver name with table options after colons (numbers, or
+    true/false)."""
+    base, *parts = name.strip().split(":")
+    options: dict = {}
+    for part in parts:
+        key, eq, raw = part.partition("=")
+        if not eq or not key:
+            raise BadInput(f"--solver {name}: expected NAME:KEY=VALUE (e.g. deis:order=2), got {part!r}")
+        low = raw.strip().lower()
+        try:
+            value: Any = (
+                low == "true" if low in ("true", "false") else int(raw) if raw.strip().isdigit() else float(raw)
+            )
+        except ValueError:
+            raise BadInput(f"--solver {name}: option {key} must be a number or true/false, got {raw!r}") from None
+        options[key.strip()] = value
+    return base, options
 
 
 def load_plugins() -> None:
@@ -139,7 +221,9 @@ def load_plugins() -> None:
 
 
 def get(name: str) -> SolverInfo:
-    """A solver by name or alias (built-in, registered, or from an entry point); unknown names are bad input."""
+    """A solver by name or alias (built-in, registered, or from an entry point), options after a colon allowed
+    (`deis:order=2`); unknown names or options are bad input."""
+    name, options = split_options(name)
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in SOLVERS:
         load_plugins()
@@ -147,6 +231,10 @@ def get(name: str) -> SolverInfo:
     if key not in SOLVERS:
         names = sorted(set(SOLVERS) | set(ALIASES))
         raise BadInput(f"--solver: unknown solver {name!r}; choose one of {', '.join(names)} or an artifact path")
+    unknown = sorted(set(options) - set(SOLVERS[key].options))
+    if unknown:
+        known = ", ".join(SOLVERS[key].options) or "none"
+        raise BadInput(f"--solver {name}: {key} has no option {unknown[0]!r} (its options: {known})")
     return SOLVERS[key]
 
 
@@ -160,6 +248,7 @@ class Plan:
     sigmas: torch.Tensor
     options: dict = field(default_factory=dict)
     passes_per_call: int = 1
+    protocol: str = "default"
 
     @property
     def steps(self) -> int:
@@ -172,7 +261,9 @@ class Plan:
     def solve(
         self, model: Any, x: torch.Tensor, cond: torch.Tensor | None = None, callback: Optional[Callback] = None
     ) -> torch.Tensor:
-        return self.info.solve(model, x, self.sigmas, cond=cond, afs=self.afs, callback=callback, **self.options)
+        return self.info.solve(
+            model, x, self.sigmas, cond=cond, afs=self.afs, callback=callback, protocol=self.protocol, **self.options
+        )
 
     def describe(self) -> dict:
         return {
@@ -182,21 +273,36 @@ class Plan:
             "steps": self.steps,
             "grid": self.sigmas.tolist(),
             **self.options,
+            **({"protocol": self.protocol} if self.protocol != "default" else {}),
         }
 
 
-def plan(solver: str, nfe: int, model: Any, schedule: str | None = None, afs: bool = False, **options: Any) -> Plan:
-    """Solver `solver` at `nfe` denoiser calls on `model`'s sigma range: its default grid unless `schedule`."""
+def plan(
+    solver: str,
+    nfe: int,
+    model: Any,
+    schedule: str | None = None,
+    afs: bool = False,
+    protocol: str = "default",
+    **options: Any,
+) -> Plan:
+    """Solver `solver` (options after a colon: `deis:order=2`) at `nfe` denoiser calls on `model`'s sigma range:
+    its default grid unless `schedule`, run as `protocol` runs it (docs/solvers.md "Protocols")."""
     info = get(solver)
+    protocol_rules(protocol)
+    named = split_options(solver)[1]
     steps = info.steps_for(nfe, afs)
     sigmas = grids.make_grid(schedule or info.default_schedule, steps, model.sigma_min, model.sigma_max)
+    if named and info.table is not None:
+        info.make_table(sigmas, **named)  # a bad value fails here, not in the middle of a run
     return Plan(
         info,
         nfe,
         afs,
         sigmas,
-        {k: v for k, v in options.items() if k in info.options},
+        {k: v for k, v in {**options, **named}.items() if k in info.options},
         int(getattr(model, "passes_per_call", 1)),
+        protocol,
     )
 
 
@@ -213,4 +319,17 @@ def sweep(nfe: int, model: Any) -> dict[str, Plan]:
     return out
 
 
-__all__ = ["ALIASES", "SOLVERS", "Plan", "Solver", "SolverInfo", "Step", "Table", "get", "plan", "register", "sweep"]
+__all__ = [
+    "ALIASES",
+    "PROTOCOLS",
+    "SOLVERS",
+    "Plan",
+    "Solver",
+    "SolverInfo",
+    "Step",
+    "Table",
+    "get",
+    "plan",
+    "register",
+    "sweep",
+]

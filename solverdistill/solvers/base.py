@@ -78,6 +78,16 @@ def denoise(model: Any, x: torch.Tensor, sigma: float, cond: torch.Tensor | None
     return afs_denoised(x, sigma) if afs_now else call(model, x, sigma, cond)
 
 
+def dynamic_threshold(denoised: torch.Tensor, quantile: float = 0.995, floor: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding of a data prediction (Saharia et al. 2022, "Imagen"): per sample, s is the `quantile`
+    of |D| but at least `floor`; D is clipped to [-s, s] and divided by s. zju-pi/diff-sampler applies it to every
+    D its DPM-Solver++ and UniPC read (docs/solvers.md "Protocols")."""
+    flat = denoised.abs().reshape(denoised.shape[0], -1)
+    s = torch.quantile(flat, quantile, dim=1).clamp(min=floor)
+    s = s.view((-1,) + (1,) * (denoised.ndim - 1))
+    return torch.maximum(torch.minimum(denoised, s), -s) / s
+
+
 def _as_batch(v: Sigma, x: torch.Tensor) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v.detach().to(dtype=torch.float64).reshape(-1).expand(x.shape[0])

@@ -81,24 +81,45 @@ class CoefficientSource(ABC):
         """Weights e_i refining x_i with D_i, or None."""
         return None
 
+    def output(self, denoised: torch.Tensor) -> torch.Tensor:
+        """D_i as the update uses it: as it is, or thresholded under a published protocol (docs/solvers.md
+        "Protocols")."""
+        return denoised
+
     def detach(self) -> None:
         """Cut the autograd graph of any per-sample state (a gradient window ended); stateless sources have none."""
         return None
 
 
 class TableSource(CoefficientSource):
-    """A fixed table on a fixed grid: the handcrafted solvers."""
+    """A fixed table on a fixed grid: the handcrafted solvers (and a global DLMS rule exported as a table, whose
+    network is asked at `queries` rather than at the state's own times). `threshold`, when set, transforms every
+    D before the update reads it (a protocol's dynamic thresholding)."""
 
-    def __init__(self, table: Table, sigmas: torch.Tensor) -> None:
-        self.s = sigmas.tolist()
+    def __init__(
+        self,
+        table: Table,
+        sigmas: torch.Tensor | Sequence[float],
+        queries: Optional[Sequence[float]] = None,
+        threshold: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> None:
+        self.s = sigmas.tolist() if isinstance(sigmas, torch.Tensor) else [float(v) for v in sigmas]
         self.steps, self.history = table.b.shape
         # Plain Python floats: numpy scalars times torch tensors would take the slow (or wrong) path.
         self.a, self.b, self.c = table.a.tolist(), table.b.tolist(), table.c.tolist()
         self.e = table.corrector.tolist() if table.corrector is not None else None
         self.uses_d = bool(np.any(table.c))
+        self.q = [float(v) for v in queries] if queries is not None else None
+        self.threshold = threshold
 
     def sigma(self, i: int) -> float:
         return self.s[i]
+
+    def query(self, i: int) -> float:
+        return self.s[i] if self.q is None else self.q[i]
+
+    def output(self, denoised: torch.Tensor) -> torch.Tensor:
+        return denoised if self.threshold is None else self.threshold(denoised)
 
     def weights(self, i: int, denoised: torch.Tensor, called: bool) -> Weights:
         return Weights(self.a[i], self.b[i], self.c[i], self.s[i + 1])
@@ -123,6 +144,45 @@ def combine(
     return out
 
 
+class Stepper:
+    """One trajectory's place in the stepping core: the histories of D and d and the previous state (the corrector
+    refines it). `run_multistep` drives it with denoiser calls; a diffusers scheduler drives the same object with
+    the network outputs a pipeline hands it (solverdistill/diffusers_scheduler.py)."""
+
+    def __init__(self, source: CoefficientSource) -> None:
+        self.source = source
+        self.keep = source.history + 1  # one more than the update reads: the corrector needs it
+        self.hist_D: list[torch.Tensor] = []
+        self.hist_d: list[torch.Tensor] = []
+        self.x_prev: Optional[torch.Tensor] = None
+        self.a_prev: Optional[Sigma] = None
+
+    def step(
+        self, i: int, x: torch.Tensor, denoised: torch.Tensor, called: bool, callback: Optional[Callback] = None
+    ) -> tuple[torch.Tensor, Weights]:
+        """Step i from x at source.sigma(i), with D_i = `denoised` (the AFS estimate when not `called`); returns
+        x_{i+1} and the step's weights."""
+        source, keep = self.source, self.keep
+        sigma = source.sigma(i)
+        denoised = source.output(denoised)
+        self.hist_D = [denoised] + self.hist_D[: keep - 1]
+        if source.uses_d:
+            self.hist_d = [(x - denoised) / per_sample(sigma, x)] + self.hist_d[: keep - 1]
+        e = source.corrector(i)
+        if e is not None:
+            x = combine(e, self.hist_D, per_sample(self.a_prev, self.x_prev) * self.x_prev)
+        w = source.weights(i, denoised, called)
+        report(callback, i, sigma, w.sigma_next, x, denoised)
+        self.x_prev, self.a_prev = x, w.a
+        return combine(w.c, self.hist_d, combine(w.b, self.hist_D, per_sample(w.a, x) * x)), w
+
+    def detach(self) -> None:
+        """Cut the graph: histories and the source's per-sample state (a training window ended)."""
+        self.hist_D = [h.detach() for h in self.hist_D]
+        self.hist_d = [h.detach() for h in self.hist_d]
+        self.source.detach()
+
+
 def run_multistep(
     model: Any,
     x: torch.Tensor,
@@ -138,27 +198,12 @@ def run_multistep(
     `on_step(i, sigma_next, x_next)` runs after each step (training computes its loss there); when it returns
     True the graph is cut: state and history are detached, so gradients stay within a window of steps.
     """
-    keep = source.history + 1  # one more than the update reads: the corrector needs it
-    hist_D: list[torch.Tensor] = []
-    hist_d: list[torch.Tensor] = []
-    x_prev, a_prev = None, None
+    stepper = Stepper(source)
     for i in range(source.steps):
-        sigma = source.sigma(i)
         called = not (afs and i == 0)
         denoised = call(model, x, source.query(i), cond) if called else afs_denoised(x, source.first_sigma())
-        hist_D = [denoised] + hist_D[: keep - 1]
-        if source.uses_d:
-            hist_d = [(x - denoised) / per_sample(sigma, x)] + hist_d[: keep - 1]
-        e = source.corrector(i)
-        if e is not None:
-            x = combine(e, hist_D, per_sample(a_prev, x_prev) * x_prev)
-        w = source.weights(i, denoised, called)
-        report(callback, i, sigma, w.sigma_next, x, denoised)
-        x_prev, a_prev = x, w.a
-        x = combine(w.c, hist_d, combine(w.b, hist_D, per_sample(w.a, x) * x))
+        x, w = stepper.step(i, x, denoised, called, callback)
         if on_step is not None and on_step(i, w.sigma_next, x):
             x = x.detach()
-            hist_D = [h.detach() for h in hist_D]
-            hist_d = [h.detach() for h in hist_d]
-            source.detach()
+            stepper.detach()
     return x

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..errors import BadInput
 from ..grids import VPTime
 from .multistep import Table
 
@@ -127,27 +128,51 @@ def ipndm_table(sigmas: torch.Tensor | Sequence[float], max_order: int = 4) -> T
     return t
 
 
-def deis_table(sigmas: torch.Tensor | Sequence[float], max_order: int = 3, quad_points: int = 64) -> Table:
-    """DEIS tAB: extrapolate d as a polynomial in the VP time tau through the last `order` nodes and
-    integrate dsigma/dtau times it over the step. By parts, C_j = [sigma L_j] - int sigma L_j' dtau, which keeps
-    the quadrature smooth near tau_min (sigma ~ sqrt(tau) there) and makes order 1 exactly Euler."""
+def deis_table(
+    sigmas: torch.Tensor | Sequence[float],
+    order: int = 3,
+    quad_points: int = 64,
+    vp_ends: tuple[float, float] | None = None,
+    riemann: int = 0,
+) -> Table:
+    """DEIS tAB-`order` (Zhang and Chen 2023): extrapolate d as a polynomial of degree `order` in the VP time tau
+    through the last `order` + 1 nodes (tAB3, the default: cubic through four) and integrate dsigma/dtau times it
+    over the step. By parts, C_j = [sigma L_j] - int sigma L_j' dtau, which keeps the Gauss-Legendre quadrature
+    smooth near tau_min (sigma ~ sqrt(tau) there) and makes order 0 exactly Euler.
+
+    The diff-sampler protocol computes the coefficients as zju-pi/diff-sampler does instead: tau from the fixed
+    EDM range `vp_ends` = (0.002, 80) whatever the model's, and int dsigma/dtau L_j dtau as a plain sum over
+    `riemann` equally spaced points of the step (ends included) times (tau_{i+1} - tau_i) / riemann."""
+    if not 0 <= order <= 3:
+        raise BadInput(f"--solver deis: order must be 0, 1, 2 or 3 (tAB0-tAB3), got {order}")
     s = _steps(sigmas)
     n = len(s) - 1
-    vp = VPTime(s[-1], s[0])
+    vp = VPTime(*(vp_ends or (s[-1], s[0])))
     tau = vp.tau(torch.as_tensor(s)).numpy()
-    tau[0], tau[-1] = 1.0, vp.tau_min  # the grid's ends map exactly
+    if vp_ends is None:
+        tau[0], tau[-1] = 1.0, vp.tau_min  # the grid's ends map exactly
     nodes, weights = np.polynomial.legendre.leggauss(quad_points)
-    t = Table.empty(n, max_order)
+    t = Table.empty(n, order + 1)
     t.a[:] = 1.0
     for i in range(n):
-        order = min(max_order, i + 1)
-        ts = tau[i - np.arange(order)]  # nodes, newest first
+        k = min(order + 1, i + 1)  # nodes available: warm-up steps use fewer
+        ts = tau[i - np.arange(k)]  # nodes, newest first
         lo, hi = tau[i], tau[i + 1]
-        q = 0.5 * (hi - lo) * nodes + 0.5 * (hi + lo)
-        sig_q = vp.sigma(torch.as_tensor(q)).numpy()
-        for j in range(order):
+        if riemann:
+            q = np.linspace(lo, hi, riemann)
+            slope = vp.dsigma_dtau(torch.as_tensor(q)).numpy()
+        else:
+            q = 0.5 * (hi - lo) * nodes + 0.5 * (hi + lo)
+            sig_q = vp.sigma(torch.as_tensor(q)).numpy()
+        if riemann and k == 1:  # diff-sampler's first step is a plain Euler step, not a quadrature
+            t.c[i, 0] = s[i + 1] - s[i]
+            continue
+        for j in range(k):
             others = np.delete(ts, j)
-            basis = np.poly1d(np.poly(others)) / np.prod(ts[j] - others) if order > 1 else np.poly1d([1.0])
-            boundary = s[i + 1] * basis(hi) - s[i] * basis(lo)
-            t.c[i, j] = boundary - 0.5 * (hi - lo) * np.sum(weights * sig_q * basis.deriv()(q))
+            basis = np.poly1d(np.poly(others)) / np.prod(ts[j] - others) if k > 1 else np.poly1d([1.0])
+            if riemann:
+                t.c[i, j] = np.sum(slope * basis(q)) * (hi - lo) / riemann
+            else:
+                boundary = s[i + 1] * basis(hi) - s[i] * basis(lo)
+                t.c[i, j] = boundary - 0.5 * (hi - lo) * np.sum(weights * sig_q * basis.deriv()(q))
     return t
