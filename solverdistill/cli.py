@@ -4,12 +4,14 @@ commands themselves are in commands/, one module each)."""
 from __future__ import annotations
 
 import functools
+import inspect
 
 import typer
 from rich.text import Text
 
 from . import __version__
-from .commands import bench, cache, compare, convert, distill, fid, inspect, listing, sample, teacher
+from .commands import bench, cache, compare, convert, distill, export, fid, listing, sample, teacher
+from .commands import inspect as inspect_command
 from .commands.console import err, out
 from .errors import BadInput, RunFailed
 
@@ -39,6 +41,33 @@ def handled(fn):
     return wrapper
 
 
+TRUST_HELP = "Load EDM pickles (which run code) without an allow-list entry, for this run."
+
+
+def trusting(fn):
+    """The command with `--trust-pickle` among its own options too: people type it after the subcommand
+    (`sdistill sample --trust-pickle ...`) as often as before it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, trust_pickle: bool = False, **kwargs):
+        if trust_pickle:
+            from .models.edm import trust_every_pickle
+
+            trust_every_pickle(True)
+        return fn(*args, **kwargs)
+
+    sig = inspect.signature(fn)
+    flag = inspect.Parameter(
+        "trust_pickle",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(False, "--trust-pickle", help=TRUST_HELP),
+        annotation=bool,
+    )
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
+    wrapper.__signature__ = sig.replace(parameters=[*params, flag])
+    return wrapper
+
+
 def _version(value: bool):
     if value:
         out.print(f"sdistill {__version__}")
@@ -50,9 +79,7 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="Load EDM pickles (which run code) without an allow-list entry, for this run."
-    ),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_HELP),
 ):
     from .models.edm import trust_every_pickle
 
@@ -66,12 +93,13 @@ for name, fn in (
     ("models", listing.models),
     ("teacher", teacher.command),
     ("distill", distill.command),
-    ("inspect", inspect.command),
+    ("inspect", inspect_command.command),
     ("fid", fid.command),
     ("compare", compare.command),
     ("bench", bench.command),
+    ("export", export.command),
 ):
-    app.command(name)(handled(fn))
+    app.command(name)(handled(trusting(fn)))
 
 convert_app = typer.Typer(help="Convert checkpoints into folders sdistill loads.", no_args_is_help=True)
 convert_app.command("ldm")(handled(convert.ldm))

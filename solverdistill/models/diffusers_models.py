@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -61,6 +61,33 @@ def alphas_cumprod(cfg: dict) -> np.ndarray:
     return np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32).astype(np.float64)
 
 
+def table_log_sigmas(cfg: dict) -> torch.Tensor:
+    """log sigma_i over the VP table of a scheduler config, i = 0 .. num_train_timesteps - 1 (increasing)."""
+    ac = alphas_cumprod(cfg)
+    return torch.log(torch.tensor(np.sqrt((1 - ac) / ac), dtype=torch.float64))
+
+
+def timestep_of(sigma: torch.Tensor, log_sigmas: torch.Tensor, round_timesteps: bool = False) -> torch.Tensor:
+    """Fractional timestep: linear interpolation of the index in log sigma (diffusers' `_sigma_to_t`); the one
+    sigma -> t mapping of the backend and of the exported scheduler (solverdistill/diffusers_scheduler.py)."""
+    ls = torch.log(sigma.to(torch.float64).clamp(min=1e-12)).cpu()
+    idx = torch.searchsorted(log_sigmas, ls).clamp(1, len(log_sigmas) - 1)
+    lo, hi = log_sigmas[idx - 1], log_sigmas[idx]
+    w = ((ls - lo) / (hi - lo)).clamp(0, 1)
+    t = (idx - 1).to(torch.float64) + w
+    return t.round() if round_timesteps else t
+
+
+def denoised_from(out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The data prediction D from a network output at state x and sigma s (float32, broadcast against x):
+    epsilon: x - s eps; v: x / (s^2 + 1) - s / sqrt(s^2 + 1) v; sample: the output itself."""
+    if prediction == "epsilon":
+        return x - s * out
+    if prediction == "v_prediction":
+        return x / (s**2 + 1) - s / torch.sqrt(s**2 + 1) * out
+    return out
+
+
 class VPDenoiser(Denoiser):
     def __init__(
         self, unet: torch.nn.Module, sched_cfg: dict, spec: str, fingerprint: str, round_timesteps: bool = False
@@ -68,8 +95,8 @@ class VPDenoiser(Denoiser):
         self.net = unet.eval().requires_grad_(False)
         self.spec, self.fingerprint = spec, fingerprint
         ac = alphas_cumprod(sched_cfg)
+        self.log_sigmas = table_log_sigmas(sched_cfg)
         self.table_sigmas = torch.tensor(np.sqrt((1 - ac) / ac), dtype=torch.float64)
-        self.log_sigmas = torch.log(self.table_sigmas)
         self.sigma_min, self.sigma_max = float(self.table_sigmas[0]), float(self.table_sigmas[-1])
         self.prediction = sched_cfg.get("prediction_type", "epsilon")
         if self.prediction not in ("epsilon", "v_prediction", "sample"):
@@ -80,13 +107,8 @@ class VPDenoiser(Denoiser):
         self.round_timesteps = round_timesteps
 
     def t_of(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timestep: linear interpolation of the index in log sigma (diffusers' `_sigma_to_t`)."""
-        ls = torch.log(sigma.to(torch.float64).clamp(min=1e-12)).cpu()
-        idx = torch.searchsorted(self.log_sigmas, ls).clamp(1, len(self.log_sigmas) - 1)
-        lo, hi = self.log_sigmas[idx - 1], self.log_sigmas[idx]
-        w = ((ls - lo) / (hi - lo)).clamp(0, 1)
-        t = (idx - 1).to(torch.float64) + w
-        return t.round() if self.round_timesteps else t
+        """Fractional timestep of each sigma (`timestep_of`)."""
+        return timestep_of(sigma, self.log_sigmas, self.round_timesteps)
 
     def _predict(self, x_vp: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return self.net(x_vp, t).sample
@@ -97,13 +119,7 @@ class VPDenoiser(Denoiser):
         t = self.t_of(sigma).to(device=x.device, dtype=torch.float32)
         with self.autocast():
             out = self._predict(x32 / torch.sqrt(s**2 + 1), t, cond)[:, : x.shape[1]].to(torch.float32)
-        if self.prediction == "epsilon":
-            d = x32 - s * out
-        elif self.prediction == "v_prediction":
-            d = x32 / (s**2 + 1) - s / torch.sqrt(s**2 + 1) * out
-        else:
-            d = out
-        return d.to(x.dtype)
+        return denoised_from(out, x32, s, self.prediction).to(x.dtype)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VPDenoiser:
         self.device = torch.device(device) if device is not None else self.device
@@ -231,6 +247,25 @@ def fingerprint(folder: Path) -> str:
     return "diffusers:" + h.hexdigest()[:16]
 
 
+def layout(root: Path) -> tuple[dict | None, Callable[[str], Path]]:
+    """(the pipeline index or None, the folder of each part). A pipeline folder keeps its parts in subfolders; a
+    model folder keeps config.json, the weights and scheduler_config.json at its root, with or without a
+    model_index.json beside them (google/ddpm-cifar10-32 ships one): then every part is the root."""
+    index_path = root / "model_index.json"
+    flat = (root / "config.json").is_file() and not (root / "unet" / "config.json").is_file()
+    if index_path.is_file() and not flat:
+        return _read_json(index_path, "pipeline index"), lambda name: root / name
+    return None, lambda name: root
+
+
+def scheduler_config(root: Path) -> dict:
+    """The scheduler config of a diffusers folder (either layout), read without loading any weights."""
+    path = layout(root)[1]("scheduler") / "scheduler_config.json"
+    if not path.is_file():
+        raise BadInput(f"{root}: missing {path}")
+    return _read_json(path, "scheduler config")
+
+
 def load(body: str, spec: str) -> VPDenoiser:
     path, _, query = body.partition("?")
     opts = parse_options(query, spec)
@@ -250,8 +285,7 @@ def load(body: str, spec: str) -> VPDenoiser:
         ) from None
     fp = fingerprint(root) + ("" if not query else "?" + hashlib.sha256(query.encode()).hexdigest()[:8])
     rounding = bool(opts.get("round_timesteps", False))
-    index = _read_json(root / "model_index.json", "pipeline index") if (root / "model_index.json").is_file() else None
-    sub = (lambda name: root / name) if index is not None else (lambda name: root)
+    index, sub = layout(root)
     sched_path = sub("scheduler") / "scheduler_config.json"
     for need in (sub("unet") / "config.json", sched_path):
         if not need.is_file():
