@@ -156,6 +156,7 @@ def test_scheduler_reproduces_sample_in_stable_diffusion(kind, guidance, sd, tmp
     art = make(tmp_path / f"{kind}.npz", model)
     want, z = ours(cli, art, spec, tmp_path / "s")
     sched = exported(cli, art, tmp_path)
+    model.tokenizer.model_max_length = 77  # the pipeline pads to it; our backend pads to 77, as CLIP's tokenizer
     pipe = diffusers.StableDiffusionPipeline(
         vae=model.autoencoder,
         text_encoder=model.text_encoder,
