@@ -2,8 +2,12 @@
 only that way) into a diffusers pipeline folder: UNet2DModel (`model.diffusion_model.*`), VQModel
 (`first_stage_model.*`), and a scheduler config with LDM's "linear" betas (diffusers' scaled_linear 0.0015-0.0195).
 
-The architecture is read off the weights' shapes; the attention head width (`num_head_channels`, 32 for the
-LDM-4 LSUN config) cannot be, so it is a parameter. The checkpoint is read with `weights_only=True`.
+The architecture is read off the weights' shapes. The attention head width (`num_head_channels`, 32 for the
+LDM-4 LSUN config) cannot be: it is read from the model config the checkpoint or a `config.yaml` beside it
+carries, else taken from --num-head-channels (32 by default), and the value used is reported. CompVis samples with
+the EMA weights (`model_ema.*`, stored with the dots of their names removed): they are converted when present.
+The checkpoint is read with `weights_only=True`; the one class pytorch-lightning 1.4 (the version latent-diffusion
+pins) stores, `ModelCheckpoint` as a key of `callbacks`, is allowed as an inert placeholder.
 """
 
 from __future__ import annotations
@@ -11,12 +15,96 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 from .errors import BadInput
 
-UNET, VQ = "model.diffusion_model.", "first_stage_model."
+UNET, VQ, EMA = "model.diffusion_model.", "first_stage_model.", "model_ema."
+LIGHTNING_CLASSES = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",)
+
+
+class LightningPlaceholder:
+    """Stands for a pytorch-lightning class a checkpoint names (never instantiated: it is only a dict key)."""
+
+
+def read_checkpoint(ckpt: str) -> Any:
+    """torch.load with weights_only=True, pytorch-lightning's callback classes allowed as placeholders."""
+    allowed = [(LightningPlaceholder, name) for name in LIGHTNING_CLASSES]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"{ckpt}: cannot read the checkpoint with weights_only=True ({type(e).__name__}: {e})") from None
+
+
+def ema_key(key: str) -> str:
+    """Where LitEma keeps the EMA copy of `model.<name>`: `model_ema.<name without dots>`."""
+    return EMA + key[len("model.") :].replace(".", "")
+
+
+def unet_weights(sd: dict) -> tuple[dict, str]:
+    """The UNet's weights: the EMA copy when the checkpoint holds one for every weight, else the raw ones."""
+    raw = [k for k in sd if k.startswith(UNET)]
+    if raw and all(ema_key(k) in sd for k in raw):
+        return {k[len(UNET) :]: sd[ema_key(k)] for k in raw}, "EMA weights (model_ema.*, what CompVis samples with)"
+    has_ema = any(k.startswith(EMA) for k in sd)
+    note = "raw weights (model.diffusion_model.*)" + (
+        "; the checkpoint's model_ema.* does not cover every UNet weight, so it was not used" if has_ema else ""
+    )
+    return {k[len(UNET) :]: sd[k] for k in raw}, note
+
+
+def head_channels_from_config(ckpt: str, data: Any) -> tuple[dict, str] | None:
+    """The UNet's `params` from the model config in the checkpoint (`hyper_parameters`) or a config.yaml beside it."""
+    found = []
+    if isinstance(data, dict) and isinstance(data.get("hyper_parameters"), dict):
+        found.append((data["hyper_parameters"], f"{ckpt}: hyper_parameters"))
+    beside = Path(ckpt).with_name("config.yaml")
+    if beside.is_file():
+        try:
+            doc = yaml.safe_load(beside.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise BadInput(f"{beside}: cannot read the model config ({e})") from None
+        found.append(((doc or {}).get("model", {}).get("params", {}) if isinstance(doc, dict) else {}, str(beside)))
+    for params, where in found:
+        unet = params.get("unet_config", {}) if isinstance(params, dict) else {}
+        unet = unet.get("params") if isinstance(unet, dict) else None
+        if isinstance(unet, dict) and ("num_head_channels" in unet or "num_heads" in unet):
+            return unet, f"{where} (unet_config.params)"
+    return None
+
+
+def head_width(widths: list[int], unet_params: dict | None, given: int | None, where: str) -> tuple[int, str]:
+    """The attention head width to convert with, and a line saying where it came from. A config's `num_heads`
+    (with num_head_channels -1) fixes the head count instead: one width only if every attention level agrees."""
+    if unet_params is not None:
+        nhc = int(unet_params.get("num_head_channels", -1))
+        if nhc == -1:
+            heads = int(unet_params.get("num_heads", -1))
+            per = {w // heads for w in widths if heads > 0 and w % heads == 0}
+            if heads <= 0 or len(per) != 1 or any(w % heads for w in widths):
+                raise BadInput(
+                    f"{where}: num_heads {heads} over attention widths {widths} gives no single head width; "
+                    "diffusers' UNet2DModel takes one"
+                )
+            value, source = per.pop(), f"num_heads {heads} in {where}"
+        else:
+            value, source = nhc, f"num_head_channels in {where}"
+        if given is not None and given != value:
+            source += f"; --num-head-channels {given} ignored"
+    else:
+        value = 32 if given is None else given
+        source = "--num-head-channels" if given is not None else "the default (no model config found)"
+    bad = [w for w in widths if value <= 0 or w % value]
+    if bad:
+        raise BadInput(
+            f"--num-head-channels: {value} (from {source}) does not divide the attention widths {bad} of this "
+            f"UNet (attention widths: {widths}); pass a divisor of each"
+        )
+    return value, f"attention head width {value} (from {source})"
 
 
 def _attention(src: dict, old: str, new: str, out: dict, heads: int | None = None) -> None:
@@ -196,24 +284,34 @@ SCHEDULER = {
 }
 
 
+def attention_widths(unet_sd: dict) -> list[int]:
+    """The channel widths of the UNet's attention blocks (each `qkv` conv has 3 x width outputs)."""
+    return sorted({int(v.shape[1]) for k, v in unet_sd.items() if k.endswith(".qkv.weight")})
+
+
 def convert_ldm(
-    ckpt: str, out_dir: str, num_head_channels: int = 32, sample_size: int = 64, norm_num_groups: int = 32
-) -> Path:
+    ckpt: str,
+    out_dir: str,
+    num_head_channels: int | None = None,
+    sample_size: int = 64,
+    norm_num_groups: int = 32,
+) -> tuple[Path, list[str]]:
+    """Convert; returns the folder and what was chosen (which weights, which head width and where from)."""
     try:
         import diffusers
     except Exception:
         raise BadInput("convert ldm: diffusers is not installed; pip install 'solverdistill[diffusers]'") from None
-    try:
-        data = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"{ckpt}: cannot read the checkpoint with weights_only=True ({type(e).__name__}: {e})") from None
+    data = read_checkpoint(ckpt)
     sd = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(sd, dict) or not any(k.startswith(UNET) for k in sd):
         raise BadInput(f"{ckpt}: expected a CompVis LDM checkpoint (state_dict with {UNET}* and {VQ}*)")
-    unet_sd = {k[len(UNET) :]: v for k, v in sd.items() if k.startswith(UNET)}
+    unet_sd, weights_note = unet_weights(sd)
     vq_sd = {k[len(VQ) :]: v for k, v in sd.items() if k.startswith(VQ)}
+    config = head_channels_from_config(ckpt, data)
+    params, where = config if config is not None else (None, "")
+    heads, heads_note = head_width(attention_widths(unet_sd), params, num_head_channels, where)
     try:
-        u_cfg, u_w = unet_from_compvis(unet_sd, num_head_channels, sample_size)
+        u_cfg, u_w = unet_from_compvis(unet_sd, heads, sample_size)
         v_cfg, v_w = vq_from_compvis(vq_sd)
     except KeyError as e:
         raise BadInput(f"{ckpt}: missing weight {e} for the LDM layout") from None
@@ -242,4 +340,4 @@ def convert_ldm(
             indent=1,
         )
     )
-    return out
+    return out, [f"UNet: {weights_note}", heads_note]

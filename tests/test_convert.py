@@ -1,6 +1,9 @@
 """`sdistill convert ldm`: a tiny model written in the CompVis key layout converts back to the same network."""
 
+import copy
 import re
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -107,11 +110,8 @@ def compvis_vq(sd, levels):
     return out
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, cli):
-    """A tiny UNet and VQ model written as a CompVis checkpoint and converted back by `sdistill convert ldm`:
-    (unet, vq, output folder)."""
-    root = tmp_path_factory.mktemp("convert")
+def compvis_checkpoint():
+    """A tiny UNet and VQ model and their weights in CompVis' layout: (unet, vq, state_dict)."""
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
         sample_size=8,
@@ -139,20 +139,22 @@ def converted(tmp_path_factory, cli):
     )
     sd = {f"model.diffusion_model.{k}": v for k, v in compvis_unet(unet.state_dict(), 2, 2, heads=(2, 4)).items()}
     sd.update({f"first_stage_model.{k}": v for k, v in compvis_vq(vq.state_dict(), 2).items()})
+    return unet, vq, sd
+
+
+CONVERT_SMALL = ("--sample-size", 8, "--norm-groups", 8)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, cli):
+    """The tiny models written as a CompVis checkpoint and converted back by `sdistill convert ldm`:
+    (unet, vq, output folder)."""
+    root = tmp_path_factory.mktemp("convert")
+    unet, vq, sd = compvis_checkpoint()
     torch.save({"state_dict": sd, "global_step": 1}, root / "model.ckpt")
-    r = cli(
-        "convert",
-        "ldm",
-        root / "model.ckpt",
-        root / "out",
-        "--num-head-channels",
-        8,
-        "--sample-size",
-        8,
-        "--norm-groups",
-        8,
-    )
+    r = cli("convert", "ldm", root / "model.ckpt", root / "out", "--num-head-channels", 8, *CONVERT_SMALL)
     assert r.exit_code == 0, r.output
+    assert "raw weights" in r.output and "head width 8 (from --num-head-channels)" in r.output
     return unet, vq, root / "out"
 
 
@@ -180,3 +182,74 @@ def test_converted_ldm_end_to_end(converted, tmp_path, teacher_dode_sample):
     with np.load(path) as f:
         assert f["x"].shape == (2, 3, 8, 8) and f["images"].shape == (2, 3, 16, 16)
         assert np.isfinite(f["images"]).all()
+
+
+def unet_out(folder, x, t):
+    with torch.no_grad():
+        return diffusers.UNet2DModel.from_pretrained(folder / "unet")(x, t).sample
+
+
+def test_ema_weights_are_converted_when_present(tmp_path, cli):
+    """CompVis samples with model_ema.* (names without dots): those are the weights to convert."""
+    unet, _, sd = compvis_checkpoint()
+    ema_unet = copy.deepcopy(unet)
+    with torch.no_grad():
+        for p in ema_unet.parameters():
+            p.mul_(0.9).add_(0.01)
+    ema = compvis_unet(ema_unet.state_dict(), 2, 2, heads=(2, 4))
+    sd.update({"model_ema." + f"diffusion_model.{k}".replace(".", ""): v for k, v in ema.items()})
+    sd["model_ema.decay"], sd["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(10)
+    torch.save({"state_dict": sd}, tmp_path / "model.ckpt")
+    r = cli("convert", "ldm", tmp_path / "model.ckpt", tmp_path / "out", "--num-head-channels", 8, *CONVERT_SMALL)
+    assert r.exit_code == 0, r.output
+    assert "EMA weights" in r.output
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        want, raw = ema_unet(x, t).sample, unet(x, t).sample
+    got = unet_out(tmp_path / "out", x, t)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, raw, atol=1e-3)
+
+
+def test_lightning_1_4_checkpoint_loads_with_weights_only(tmp_path, cli, monkeypatch):
+    """pytorch-lightning 1.4 keys `callbacks` by the ModelCheckpoint class; weights_only refuses unknown classes,
+    so it is allow-listed as an inert placeholder (pytorch-lightning itself is not needed to read it)."""
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        pass
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
+    _, _, sd = compvis_checkpoint()
+    torch.save({"state_dict": sd, "callbacks": {ModelCheckpoint: {"best_model_score": None}}}, tmp_path / "m.ckpt")
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(Exception, match="weights_only|GLOBAL|ModelCheckpoint"):
+        torch.load(tmp_path / "m.ckpt", weights_only=True)  # what the converter met before
+    r = cli("convert", "ldm", tmp_path / "m.ckpt", tmp_path / "out", "--num-head-channels", 8, *CONVERT_SMALL)
+    assert r.exit_code == 0, r.output
+
+
+def test_head_width_that_does_not_divide_is_exit_2_with_the_widths(tmp_path, cli):
+    _, _, sd = compvis_checkpoint()
+    torch.save({"state_dict": sd}, tmp_path / "m.ckpt")
+    r = cli("convert", "ldm", tmp_path / "m.ckpt", tmp_path / "out", "--num-head-channels", 12, *CONVERT_SMALL)
+    assert r.exit_code == 2 and "--num-head-channels" in r.output and "[32]" in r.output, r.output
+    assert not (tmp_path / "out" / "unet").exists()
+
+
+def test_head_width_is_read_from_config_yaml_beside_the_checkpoint(tmp_path, cli):
+    """16 divides every width but is the wrong head width (a different network): the config's value wins."""
+    unet, _, sd = compvis_checkpoint()
+    torch.save({"state_dict": sd}, tmp_path / "model.ckpt")
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  params:\n    unet_config:\n      params:\n        num_head_channels: 8\n"
+    )
+    r = cli("convert", "ldm", tmp_path / "model.ckpt", tmp_path / "out", "--num-head-channels", 16, *CONVERT_SMALL)
+    assert r.exit_code == 0, r.output
+    assert "head width 8" in r.output and "config.yaml" in r.output and "16 ignored" in r.output
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        assert torch.allclose(unet_out(tmp_path / "out", x, t), unet(x, t).sample, atol=1e-5)
