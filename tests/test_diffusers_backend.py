@@ -62,6 +62,28 @@ def test_teacher_dode_sample_end_to_end(ddpm_dir, tmp_path, teacher_dode_sample)
         assert f["x"].shape == (2, 3, 16, 16) and np.isfinite(f["x"]).all()
 
 
+def test_model_folder_with_a_model_index_beside_it(tmp_path, tiny_unet, ddpm_scheduler):
+    """google/ddpm-cifar10-32's layout: config.json, weights and scheduler_config.json at the root, and a
+    model_index.json beside them naming the parts."""
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path)
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(ddpm_scheduler()))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMPipeline",
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "unet": ["diffusers", "UNet2DModel"],
+            }
+        )
+    )
+    d = resolve(f"diffusers:{tmp_path}")
+    x, s = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 5.0])
+    with torch.no_grad():
+        eps = unet(x / torch.sqrt(s[:, None, None, None] ** 2 + 1), d.t_of(s).float()).sample
+        assert torch.allclose(d(x, s), x - s[:, None, None, None] * eps, atol=1e-5)
+
+
 def test_missing_folder_and_files(tmp_path):
     with pytest.raises(BadInput, match="no such folder"):
         resolve(f"diffusers:{tmp_path / 'nope'}")

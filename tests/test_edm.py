@@ -102,6 +102,12 @@ def test_unvouched_pickle_is_refused_before_anything_runs(tmp_path, monkeypatch,
     marker.unlink()
     r = cli("sample", "--model", spec, "--out", tmp_path / "o", "--quiet")
     assert r.exit_code == 2 and not marker.exists()
+    # The flag is accepted after the subcommand too, where people type it.
+    r = cli("sample", "--trust-pickle", "--model", spec, "--nfe", 2, "--num", 2, "--out", tmp_path / "o", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert marker.exists()
+    marker.unlink()
+    trust_every_pickle(False)
     # The allow-list vouches too, line by line (comments and a file name after the digest are fine).
     (tmp_path / "list.txt").write_text(f"# vouched\n{sha256_of(tmp_path / 'evil.pkl').upper()}  evil.pkl\n")
     monkeypatch.setenv("SDISTILL_TRUSTED", str(tmp_path / "list.txt"))
