@@ -33,6 +33,7 @@ CHECKSUM = "arrays_sha256"
 MAX_NFE = 1000  # distilled solvers take a handful of steps; a larger count only serves to exhaust memory
 MAX_YAML_BYTES = 64 << 20
 MAX_BYTES_ENV = "SDISTILL_MAX_ARTIFACT_BYTES"
+FORCE_HINT = "use --force to use it anyway"  # what a fingerprint mismatch tells to do (commands with --force)
 DEFAULT_MAX_BYTES = 4 << 30  # an SFD artifact holds a whole network; 4 GiB covers EDM-sized ones
 
 
@@ -128,17 +129,35 @@ def max_bytes() -> int:
         raise BadInput(f"{MAX_BYTES_ENV}: expected a number of bytes, got {raw!r}") from None
 
 
-def load(path: str | os.PathLike, fingerprint: str | None = None, force: bool = False) -> Artifact:
+def load(
+    path: str | os.PathLike, fingerprint: str | None = None, force: bool = False, hint: str = FORCE_HINT
+) -> Artifact:
     """Read and check an artifact (meta types, array names, dtypes, sizes, checksum). A model fingerprint mismatch
-    is bad input unless `force`. NPZ arrays are read when first used (a method checks names before touching any)."""
+    is bad input unless `force` (`hint`: what the message tells to do). NPZ arrays are read when first used (a
+    method checks names before touching any)."""
     p = Path(path)
     if not p.is_file():
-        raise BadInput(f"{p}: no such solver artifact")
+        raise BadInput(f"{p}: no such solver artifact; {existing(p.parent)}")
     meta, arrays = _read_yaml(p) if p.suffix in (".yaml", ".yml") else _read_npz(p)
     art = Artifact(meta, arrays, str(p))
     if fingerprint is not None:
-        check_model(art, fingerprint, force)
+        check_model(art, fingerprint, force, hint)
     return art
+
+
+def existing(folder: Path, limit: int = 8) -> str:
+    """What a missing artifact's message adds: the artifacts in its folder (and in out/ and solvers/), or how to
+    make one."""
+    places = list(dict.fromkeys([folder, Path("out"), Path("solvers")]))
+    found = []
+    for place in places:
+        if place.is_dir():
+            found += [str(p) for p in scan([place])]
+    make = "make one with: sdistill distill RECIPE --out PATH.npz (e.g. recipes/quickstart.yaml)"
+    if not found:
+        return f"there are no artifacts in {', '.join(map(str, places))}; {make}"
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return f"artifacts here: {', '.join(found[:limit])}{more}; or {make}"
 
 
 def _mismatch(p: Path) -> BadInput:
@@ -173,7 +192,8 @@ def _read_npz(p: Path) -> tuple[dict, Mapping[str, np.ndarray]]:
             return meta, LazyArrays(p, what, r.entries, digests)
     except NotNPZ as e:
         raise BadInput(
-            f"{p}: not an NPZ or YAML solver artifact ({e.why}; YAML artifacts end in .yaml or .yml)"
+            f"{p}: not an NPZ or YAML solver artifact ({e.why}; YAML artifacts end in .yaml or .yml). A solver is "
+            "a handcrafted name (see `sdistill solvers`) or an artifact written by `sdistill distill`"
         ) from None
 
 
@@ -331,12 +351,13 @@ def check_names(p: Path, method: str, names: Iterable[str]) -> None:
             )
 
 
-def check_model(art: Artifact, fingerprint: str, force: bool = False) -> None:
-    """An artifact made for another model (weights or config) is refused unless `force`."""
+def check_model(art: Artifact, fingerprint: str, force: bool = False, hint: str = FORCE_HINT) -> None:
+    """An artifact made for another model (weights or config) is refused unless `force`; `hint` says what to do
+    (commands without --force give their own)."""
     if art.meta["model_fingerprint"] != fingerprint and not force:
         raise BadInput(
             f"{art.path}: made for model {art.meta.get('model', '?')} (fingerprint "
-            f"{art.meta['model_fingerprint']}), not this one ({fingerprint}); use --force to use it anyway"
+            f"{art.meta['model_fingerprint']}), not this one ({fingerprint}); {hint}"
         )
 
 

@@ -16,11 +16,21 @@ import numpy as np
 
 from . import artifacts, students
 from .errors import BadInput
-from .evaluation import inception_fd, pixel_fd, pixel_stats, psnr, reference_endpoints, rmse
-from .generate import generate
+from .evaluation import acceleration_ratio, inception_fd, pixel_fd, pixel_stats, psnr, reference_endpoints, rmse
+from .generate import generate, nfe_notes
 from .models import resolve
-from .pipeline import ProgressFactory, Say, Workspace, distill, method_configs, no_progress, open_workspace
-from .recipes import Recipe
+from .npzfiles import check_output
+from .pipeline import (
+    ProgressFactory,
+    Say,
+    Workspace,
+    distill,
+    method_configs,
+    no_progress,
+    recipe_model,
+    teacher_cache,
+)
+from .recipes import Recipe, path_notes
 from .solvers import get as get_solver
 from .solvers import plan
 from .solvers.base import Solver
@@ -31,6 +41,8 @@ if TYPE_CHECKING:
 METRICS = ("rmse", "psnr", "fd", "fid")
 REFERENCE_SEED = 1_000_000  # far from teacher seeds: held out by construction
 ARTIFACT_SUFFIXES = (".npz", ".yaml", ".yml")
+# compare has no --force: an artifact made for another model is refused with what to do instead.
+FINGERPRINT_HINT = "distill one for this model (sdistill distill RECIPE), or drop it from --solvers"
 
 
 @dataclass
@@ -40,6 +52,30 @@ class Comparison:
     samples: int = 0
     grid_images: dict[str, np.ndarray] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)  # solver name -> "handcrafted" or "student"
+
+    def accelerations(self) -> list[dict]:
+        """For every student cell: the NFE at which the best handcrafted solver of this table reaches the
+        student's error (log-log interpolated), over the student's NFE (`evaluation.acceleration_ratio`). Read
+        from the first error metric measured (rmse, fd, fid); `ratio` is inf when no handcrafted NFE here
+        reaches it."""
+        metric = next((m for m in ("rmse", "fd", "fid") if any(r["metric"] == m for r in self.rows)), None)
+        if metric is None:
+            return []
+        curve: dict[int, float] = {}
+        for r in self.rows:
+            if r["metric"] == metric and self.kinds.get(r["solver"]) == "handcrafted":
+                curve[r["nfe"]] = min(curve.get(r["nfe"], r["value"]), r["value"])
+        if not curve:
+            return []
+        out = []
+        for r in self.rows:
+            if r["metric"] == metric and self.kinds.get(r["solver"]) == "student":
+                ratio = acceleration_ratio(r["value"], r["nfe"], curve)
+                out.append(
+                    {"solver": r["solver"], "nfe": r["nfe"], "metric": metric, "ratio": ratio, "upto": max(curve)}
+                )
+        return out
 
     def best(self, metric: str) -> dict[int, float]:
         """The best value per NFE for this metric (highest for PSNR, lowest otherwise)."""
@@ -79,8 +115,23 @@ def check_names(names: list[str]) -> None:
                 ) from None
 
 
+@dataclass
+class Cell:
+    """One (name, NFE) of the table, planned before any work: a handcrafted `Plan`, an artifact to load (given,
+    found in the artifact folders, or to be distilled from the recipe's teacher cache), or nothing to run."""
+
+    name: str
+    nfe: int
+    kind: str  # "handcrafted" or "student" (an artifact, found, given or distilled)
+    solver: Optional[Solver] = None  # the handcrafted plan
+    path: Optional[Path] = None  # the artifact
+    distill: bool = False  # the artifact is made by this run
+    method: str = ""
+
+
 class Resolver:
-    """Turns a name and an NFE into a solver (or None: it cannot run at that NFE)."""
+    """Plans every name and NFE before any work (`plan`), distills what the plan says is missing (`distill`), and
+    loads each cell's solver (`solver`)."""
 
     def __init__(
         self,
@@ -89,45 +140,107 @@ class Resolver:
         folders: list[Path],
         say: Say,
         progress_factory: ProgressFactory,
+        recipe: Optional[Recipe] = None,
     ) -> None:
         self.model, self.workspace, self.folders = model, workspace, folders
         self.say, self.progress = say, progress_factory
+        self.recipe = recipe or (workspace.recipe if workspace else None)
+        self._found: Optional[dict[Path, artifacts.Artifact]] = None
+        self._given: dict[str, artifacts.Artifact] = {}
 
-    def __call__(self, name: str, nfe: int) -> Optional[Solver]:
+    def found(self) -> dict[Path, artifacts.Artifact]:
+        """The artifacts made for this model in the artifact folders (read once)."""
+        if self._found is None:
+            self._found = artifacts.scan(self.folders, self.model.fingerprint)
+        return self._found
+
+    def plan(self, name: str, nfe: int) -> Optional[Cell]:
+        """What runs in this cell (None: the solver cannot run at this NFE, an empty cell). Nothing is sampled."""
         base, afs = split_afs(name)
         if name.endswith(ARTIFACT_SUFFIXES):
-            art = artifacts.load(name, fingerprint=self.model.fingerprint)
+            if name not in self._given:
+                self._given[name] = artifacts.load(name, fingerprint=self.model.fingerprint, hint=FINGERPRINT_HINT)
+            art = self._given[name]
             if int(art.meta["nfe"]) != nfe:
                 return None
-            return students.get(art.method).load(art, self.model)
+            return Cell(name, nfe, "student", path=Path(name), method=art.method)
         if base in students.names():
-            path = artifacts.find(base, nfe, self.model.fingerprint, self.folders) or self.distill(base, nfe)
-            art = artifacts.load(path, fingerprint=self.model.fingerprint)
-            return students.get(art.method).load(art, self.model)
+            for path, art in self.found().items():
+                if art.method == base and int(art.meta["nfe"]) == nfe:
+                    return Cell(name, nfe, "student", path=path, method=base)
+            out = self.folders[0] / f"{self.recipe.name}_{base}_nfe{nfe}.npz" if self.recipe else None
+            return Cell(name, nfe, "student", path=out, distill=True, method=base)
         try:
-            return plan(base, nfe, self.model, afs=afs)
+            return Cell(name, nfe, "handcrafted", solver=plan(base, nfe, self.model, afs=afs))
         except BadInput:
             return None  # e.g. heun at an odd NFE without AFS: an empty cell, not an error
 
-    def distill(self, method: str, nfe: int) -> Path:
-        ws = self.workspace
-        if ws is None:
-            raise BadInput(
-                f"--solvers: no {method} artifact for this model at NFE {nfe} in "
-                f"{', '.join(map(str, self.folders))}; pass --recipe to distill one"
+    def check(self, cells: list[Cell]) -> None:
+        """Every student that must be distilled can be (a recipe, a writable output, valid settings), or one
+        message naming them all and what to run; otherwise say up front what will be distilled."""
+        missing = [c for c in cells if c.distill]
+        if not missing:
+            return
+        by_method: dict[str, list[int]] = {}
+        for c in missing:
+            by_method.setdefault(c.method, []).append(c.nfe)
+        wanted = "; ".join(f"{m} at NFE {', '.join(map(str, n))}" for m, n in by_method.items())
+        if self.recipe is None:
+            have = sorted(
+                f"{art.method} NFE {art.meta['nfe']} ({path})"
+                for path, art in self.found().items()
+                if art.method in by_method
             )
-        out = self.folders[0] / f"{ws.recipe.name}_{method}_nfe{nfe}.npz"
-        self.say(f"no {method} artifact at NFE {nfe}: distilling {out} from the teacher cache")
+            method, nfe = missing[0].method, missing[0].nfe
+            raise BadInput(
+                f"--solvers: no artifact for model {self.model.spec} in {', '.join(map(str, self.folders))}: "
+                f"{wanted}"
+                + (f" (found: {', '.join(have)})" if have else "")
+                + f". Distill them on the way with --recipe RECIPE (e.g. --recipe recipes/quickstart.yaml for "
+                f"gmm:cifar), or make one first: sdistill distill RECIPE --method {method} --nfe {nfe} "
+                f"--out {self.folders[0] / f'{method}_nfe{nfe}.npz'}; or drop them from --solvers or --nfe"
+            )
+        for c in missing:
+            method_configs(self.recipe, c.method, c.nfe, say=lambda m: None)  # the settings, validated now
+            check_output(c.path, "--artifacts")
+        self.say(
+            f"no artifact in {', '.join(map(str, self.folders))} for {wanted}: distilling "
+            f"{'it' if len(missing) == 1 else f'these {len(missing)}'} from the teacher cache "
+            f"{self.recipe.cache_dir()} first ({', '.join(str(c.path) for c in missing)})"
+        )
+
+    def distill(self, cell: Cell) -> None:
+        """Fit the student a planned cell is missing, through the pipeline, and write its artifact."""
+        ws = self.workspace
+        assert ws is not None and cell.path is not None, "check() refuses a missing student without a recipe"
+        self.say(f"distilling {cell.method} at NFE {cell.nfe} -> {cell.path}")
         distill(
             ws.recipe,
-            method_name=method,
-            nfe=nfe,
-            out=str(out),
+            method_name=cell.method,
+            nfe=cell.nfe,
+            out=str(cell.path),
             workspace=ws,
             say=self.say,
             progress_factory=self.progress,
         )
-        return out
+        cell.distill = False
+
+    def solver(self, cell: Cell) -> Solver:
+        """The cell's solver: its plan, or its artifact loaded for this model."""
+        if cell.solver is not None:
+            return cell.solver
+        art = artifacts.load(cell.path, fingerprint=self.model.fingerprint, hint=FINGERPRINT_HINT)
+        return students.get(art.method).load(art, self.model)
+
+    def __call__(self, name: str, nfe: int) -> Optional[Solver]:
+        """Plan, check and load one cell (distilling it first where the plan says so)."""
+        cell = self.plan(name, nfe)
+        if cell is None:
+            return None
+        self.check([cell])
+        if cell.distill:
+            self.distill(cell)
+        return self.solver(cell)
 
 
 def run_compare(
@@ -145,9 +258,16 @@ def run_compare(
     progress_factory: ProgressFactory = no_progress,
     grid_nfe: Optional[int] = None,
     inception: Optional[str] = None,
+    comp: Optional[Comparison] = None,
 ) -> Comparison:
     """Sample every (name, NFE) from the same seeds and measure each metric against the reference endpoints:
-    the recipe's held-out teacher trajectories, or an RK4 solve of `model_spec`."""
+    the recipe's held-out teacher trajectories, or an RK4 solve of `model_spec`.
+
+    Everything that can be checked is checked before any work (names, metrics and their weights, the artifact of
+    every student at every NFE and its fingerprint, the settings of those to distill); the students the recipe
+    will distill are said up front. Rows go into `comp` (a fresh one by default) as they are measured, so a
+    caller keeps what was computed before a later failure."""
+    comp = comp if comp is not None else Comparison()
     for m in metrics:
         if m not in METRICS:
             raise BadInput(f"--metric: unknown metric {m!r}; choose from {', '.join(METRICS)}")
@@ -156,14 +276,35 @@ def run_compare(
     if num < 2:
         raise BadInput(f"--num: must be >= 2, got {num}")
     if (recipe is None) == (model_spec is None):
-        raise BadInput("give exactly one of --recipe and --model")
+        raise BadInput(
+            "give exactly one of --recipe and --model: the reference endpoints come from the recipe's teacher "
+            "cache, or from an RK4 solve of the model. E.g. sdistill compare --model gmm:cifar --solvers "
+            "ddim,dpm++,ipndm --nfe 3,5,8, or sdistill compare --recipe recipes/quickstart.yaml --solvers "
+            "dpm++,dlms --nfe 5"
+        )
     check_names(names)
-    comp = Comparison()
-    workspace = None
+    if "fid" in metrics:
+        from .fid import inception_path
+
+        inception_path(inception)  # the weights file, before any sampling
+    for note in nfe_notes(nfes):
+        say(note)
+    train = None
     if recipe is not None:
         _, _, train = method_configs(recipe, say=say)
-        workspace = open_workspace(recipe, train.device, say, progress_factory)
-        model, cache = workspace.model, workspace.cache
+        for note in path_notes(recipe):
+            say(note)
+        model = recipe_model(recipe, train.device)
+    else:
+        model = resolve(model_spec)
+    resolver = Resolver(model, None, list(folders), say, progress_factory, recipe)
+    cells = [c for name in names for nfe in nfes if (c := resolver.plan(name, nfe)) is not None]
+    resolver.check(cells)
+    comp.kinds = {c.name: c.kind for c in cells}
+
+    if recipe is not None:
+        cache, built = teacher_cache(recipe, model, say, progress_factory)
+        resolver.workspace = Workspace(recipe, model, cache, built)
         heldout = min(train.heldout, cache.num_samples)
         if num > heldout:
             comp.notes.append(f"--num {num} capped at the recipe's {heldout} held-out trajectories")
@@ -174,26 +315,26 @@ def run_compare(
         comp.reference = f"teacher cache {recipe.cache_dir()} ({cache.spec['solver']}, {cache.steps} steps)"
         if seed is not None:
             comp.notes.append("--seed ignored with --recipe: the held-out seeds of the cache are used")
+        for cell in cells:
+            if cell.distill:
+                resolver.distill(cell)
     else:
-        model = resolve(model_spec)
         first = REFERENCE_SEED if seed is None else seed
         seeds = list(range(first, first + num))
-        say(f"computing accurate endpoints: RK4 in log sigma, 256 steps, float64, {num} seeds")
-        ref = reference_endpoints(model, seeds, steps=256, batch=batch).float()
-        comp.reference = "RK4 in log sigma, 256 steps, float64 (run by compare)"
+        steps = 256
+        with progress_factory(num, f"reference: RK4 in log sigma, {steps} steps, float64, {num} seeds") as bar:
+            ref = reference_endpoints(model, seeds, steps=steps, batch=batch, progress=bar).float()
+        comp.reference = f"RK4 in log sigma, {steps} steps, float64 (run by compare)"
     comp.samples = len(seeds)
-    resolver = Resolver(model, workspace, list(folders), say, progress_factory)
     exact = (model.data_mean().numpy(), model.data_cov().numpy()) if hasattr(model, "data_cov") else None
     ref_stats = None
     grid_nfe = grid_nfe or sorted(nfes)[len(nfes) // 2]
     show = min(8, len(seeds))
     comp.grid_images["reference"] = ref[:show].numpy()
-    for name in names:
-        for nfe in nfes:
-            solver = resolver(name, nfe)
-            if solver is None:
-                continue
-            res = generate(model, solver, seeds, batch=batch)
+    with progress_factory(len(cells) * len(seeds), f"sampling {len(cells)} solver x NFE cells") as bar:
+        for cell in cells:
+            bar(0, info=f"{cell.name} NFE {cell.nfe}")
+            res = generate(model, resolver.solver(cell), seeds, batch=batch, progress=bar)
             x = res.x.float()
             for metric in metrics:
                 if metric == "rmse":
@@ -208,15 +349,16 @@ def run_compare(
                     value = inception_fd(x, ref, inception)
                 comp.rows.append(
                     {
-                        "solver": name,
+                        "solver": cell.name,
                         "nfe": res.nfe,
                         "network_passes": res.network_passes,
                         "metric": metric,
                         "value": value,
                     }
                 )
-            if nfe == grid_nfe:
-                comp.grid_images[name] = x[:show].numpy()
+            if cell.nfe == grid_nfe:
+                shown_name = Path(cell.name).name if cell.name.endswith(ARTIFACT_SUFFIXES) else cell.name
+                comp.grid_images[f"{shown_name}, NFE {res.nfe}"] = x[:show].numpy()
     if exact is not None and "fd" in metrics:
         comp.notes.append("fd: pixel Frechet distance to the exact mixture moments")
     return comp

@@ -40,9 +40,11 @@ def reference_endpoints(
     progress: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     """Accurate endpoints: RK4 in log sigma, float64, from the same per-seed noise the samplers use. Runs on a
-    float64 copy: the caller's model keeps its dtype."""
+    float64 copy: the caller's model keeps its dtype. `progress(n)` counts seeds, a fraction after every step (one
+    batch of a slow model can take minutes)."""
     model = copy.deepcopy(model).to(dtype=torch.float64)
-    return generate(model, RK4Reference(model, steps), seeds, batch=batch, progress=progress).x
+    tick = (lambda chunk, step: progress(len(chunk) / steps)) if progress else None
+    return generate(model, RK4Reference(model, steps), seeds, batch=batch, callback=tick).x
 
 
 def cache_endpoints(

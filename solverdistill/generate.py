@@ -96,3 +96,16 @@ def generate(
             progress(len(chunk))
     nfe = calls_per_sample or 0
     return Result(torch.cat(xs), torch.cat(zs), list(seeds), nfe, nfe * int(getattr(model, "passes_per_call", 1)))
+
+
+NFE_WARN = 1000  # few-step solvers live far below this; above it a run is almost surely a typo
+
+
+def nfe_notes(nfes: Iterable[int], flag: str = "--nfe") -> list[str]:
+    """A warning for every NFE above NFE_WARN: such a run makes that many network calls per sample."""
+    return [
+        f"warning: {flag} {n} is far above the few-step range (more than {NFE_WARN} denoiser calls per sample); "
+        "this can run for a very long time"
+        for n in nfes
+        if n > NFE_WARN
+    ]

@@ -38,6 +38,39 @@ def image_grid(x: np.ndarray, cols: int | None = None) -> np.ndarray:
     return grid[..., 0] if c == 1 else grid
 
 
+def _text_strip(lines: list[str], width: int, height: int, channels: int) -> np.ndarray:
+    """White text on black, `lines` stacked, as a uint8 HxW(xC) strip (PIL's built-in bitmap font)."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(im)
+    for i, text in enumerate(lines):
+        draw.text((3, 2 + 11 * i), text, fill=255)
+    strip = np.asarray(im)
+    return strip if channels == 1 else np.repeat(strip[..., None], channels, axis=2)
+
+
+def _channels(grid: np.ndarray) -> int:
+    return 1 if grid.ndim == 2 else grid.shape[2]
+
+
+def label_rows(grid: np.ndarray, labels: Sequence[str], width: int = 150) -> np.ndarray:
+    """A grid of equal-height rows with each row's label to its left (e.g. "dpm++, NFE 5": one line per part)."""
+    h = grid.shape[0] // max(len(labels), 1)
+    column = np.concatenate(
+        [_text_strip([part[:24] for part in text.split(", ")], width, h, _channels(grid)) for text in labels]
+        + ([_text_strip([], width, grid.shape[0] - h * len(labels), _channels(grid))] if grid.shape[0] % h else [])
+    )
+    return np.concatenate([column, grid], axis=1)
+
+
+def caption(grid: np.ndarray, text: str) -> np.ndarray:
+    """A grid with a line (or two) of text above it: what the picture shows."""
+    chars = max(grid.shape[1] // 6, 10)  # the bitmap font is 6 pixels a character
+    lines = [text[i : i + chars] for i in range(0, len(text), chars)][:3]
+    return np.concatenate([_text_strip(lines, grid.shape[1], 4 + 11 * len(lines), _channels(grid)), grid], axis=0)
+
+
 def save_png(array: np.ndarray, path: Path) -> None:
     """A uint8 array as a PNG file."""
     from PIL import Image
@@ -50,7 +83,8 @@ def save_pictures(x: np.ndarray, out: Path, png_each: bool = False, title: str =
     written = []
     shape = x.shape[1:]
     if is_image(shape):
-        save_png(image_grid(x[:64]), out / "grid.png")
+        grid = image_grid(x[:64])
+        save_png(caption(grid, title) if title else grid, out / "grid.png")
         written.append(out / "grid.png")
         if png_each:
             (out / "png").mkdir(exist_ok=True)
@@ -65,6 +99,8 @@ def save_pictures(x: np.ndarray, out: Path, png_each: bool = False, title: str =
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter(x[:, 0], x[:, 1], s=4, alpha=0.6)
         ax.set_aspect("equal")
+        ax.set_xlabel("x[0]")
+        ax.set_ylabel("x[1]")
         ax.set_title(title)
         fig.savefig(out / "scatter.png", dpi=100, bbox_inches="tight")
         plt.close(fig)

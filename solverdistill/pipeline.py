@@ -5,6 +5,7 @@ resolved once and its cache opened once per command."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Optional
 from . import artifacts, students
 from .devices import resolve_device, resolve_dtype
 from .errors import BadInput
-from .evaluation import heldout_rmse
+from .evaluation import acceleration_ratio, heldout_rmse
 from .models import resolve
 from .npzfiles import check_output
 from .recipes import Recipe, outside_note, path_notes, shown
 from .solvers import get as get_solver
-from .solvers import sweep
+from .solvers import plan, sweep
 from .teacher import TeacherCache
 from .teacher.run import prepare_teacher
 
@@ -55,9 +56,31 @@ def teacher_cache(
             f"teacher cache {job.root} missing or incomplete: building it first ({job.missing} of "
             f"{recipe.teacher.num_samples} samples to integrate)"
         )
-        with progress_factory(job.missing, "teacher") as bar:
+        with progress_factory(job.missing, f"teacher ({job.missing} of {recipe.teacher.num_samples} left)") as bar:
             job.run(progress=bar)
     return TeacherCache.open(job.root), bool(job.missing)
+
+
+def recipe_model(recipe: Recipe, device: str = "auto") -> Denoiser:
+    """The recipe's model on `device` in teacher.compute_dtype. Errors name the recipe's model.spec (the user gave
+    no --model), and a missing diffusers folder names the command that makes one from a CompVis checkpoint."""
+    spec = recipe.model.spec
+    try:
+        return resolve(spec, device=resolve_device(device), dtype=resolve_dtype(recipe.teacher.compute_dtype))
+    except BadInput as e:
+        message = str(e)
+        for prefix in (f"--model {spec}: ", f"--model {spec.strip()}: ", "--model: ", "--model "):
+            if message.startswith(prefix):
+                message = message[len(prefix) :]
+                break
+        if spec.startswith("diffusers:") and "no such folder" in message:
+            folder = spec.removeprefix("diffusers:").partition("?")[0]
+            message += (
+                f". A CompVis latent diffusion checkpoint becomes that folder with: sdistill convert ldm "
+                f"CHECKPOINT.ckpt {folder} (see the recipe's comments)"
+            )
+        where = f"{recipe.path}: " if recipe.path else ""
+        raise BadInput(f"{where}model.spec {spec!r}: {message}") from None
 
 
 def open_workspace(
@@ -66,7 +89,7 @@ def open_workspace(
     """Resolve the recipe's model on `device` (in teacher.compute_dtype) and open (or build) its cache."""
     for note in path_notes(recipe):
         say(note)
-    model = resolve(recipe.model.spec, device=resolve_device(device), dtype=resolve_dtype(recipe.teacher.compute_dtype))
+    model = recipe_model(recipe, device)
     cache, built = teacher_cache(recipe, model, say, progress_factory)
     return Workspace(recipe, model, cache, built)
 
@@ -77,6 +100,21 @@ def method_configs(
     """The student method and its validated `student` / `train` settings for this recipe, without changing the
     recipe. `method_name` switches methods (keeping the recipe keys the other method knows); `nfe` overrides
     student.nfe."""
+    if method_name is not None and method_name not in students.names():
+        raise BadInput(f"--method: unknown method {method_name!r}; choose one of {', '.join(students.names())}")
+    try:
+        return _method_configs(recipe, method_name, nfe, say)
+    except BadInput as e:
+        # Name the file like teacher.* errors do (load_recipe), unless the message already starts with it.
+        where = f"{recipe.path}: " if recipe.path else ""
+        if not where or str(e).startswith(where):
+            raise
+        raise BadInput(where + str(e)) from None
+
+
+def _method_configs(
+    recipe: Recipe, method_name: Optional[str], nfe: Optional[int], say: Say
+) -> tuple[students.Method, Any, Any]:
     own = recipe.student.get("method", "dlms")
     if not isinstance(own, str) or len(own) > 100:
         raise BadInput(f"student.method: expected a method name, got {shown(own)}")
@@ -94,6 +132,36 @@ def method_configs(
         student["nfe"] = nfe
     s_cfg, t_cfg = method.configs(student, train)
     return method, s_cfg, t_cfg
+
+
+def handcrafted_curve(
+    nfe: int,
+    base: dict[str, float],
+    model: Any,
+    cache: TeacherCache,
+    held: Any,
+    target: float,
+    top: int = 3,
+    upto: int = 4,
+) -> dict[int, float]:
+    """The best handcrafted held-out RMSE by NFE, from `nfe` (`base`: every solver there) upwards until it reaches
+    `target` (the student's error) or `upto` times `nfe`. Above `nfe` only the `top` best solvers at `nfe` are
+    run: the ranking rarely changes, and a real model pays for every call."""
+    curve = {nfe: min(base.values())}
+    leaders = sorted(base, key=base.get)[:top]
+    for m in sorted(set(range(nfe + 1, 2 * nfe + 1)) | {k * nfe for k in range(3, upto + 1)}):
+        if curve[max(curve)] <= target:
+            break
+        values = []
+        for name in leaders:
+            try:
+                p = plan(name.removesuffix("+afs"), m, model, afs=name.endswith("+afs"))
+            except BadInput:
+                continue  # e.g. heun at an odd NFE
+            values.append(heldout_rmse(p, model, cache, held))
+        if values:
+            curve[m] = min(values)
+    return curve
 
 
 @dataclass
@@ -136,6 +204,8 @@ def distill(
     initial = heldout_rmse(method.load(method.untrained(artifact), model), model, cache, held)
     base = {name: heldout_rmse(p, model, cache, held) for name, p in sweep(s_cfg.nfe, model).items()}
     best = min(base, key=base.get)
+    curve = handcrafted_curve(s_cfg.nfe, base, model, cache, held, student_rmse)
+    ratio = acceleration_ratio(student_rmse, s_cfg.nfe, curve)
     artifact.meta["teacher"] = {k: v for k, v in cache.spec.items() if k != "grid"} | {"steps": cache.steps}
     artifact.meta["metrics"] = {
         "heldout_rmse": student_rmse,
@@ -144,6 +214,10 @@ def distill(
         "best_handcrafted_rmse": base[best],
         "handcrafted_rmse": base,
         "heldout_samples": len(held),
+        # NFE at which the best handcrafted solver reaches the student's error, over the student's NFE
+        # (docs/evaluation.md); None: not reached by the largest NFE measured (best_handcrafted_by_nfe).
+        "acceleration": None if math.isinf(ratio) else ratio,
+        "best_handcrafted_by_nfe": {str(k): v for k, v in curve.items()},
     }
     teacher_nfe = cache.steps * get_solver(cache.spec["solver"]).calls_per_step + 1
     artifact.meta["cost"] = {

@@ -108,7 +108,10 @@ def _expand(value: str, where: str) -> str:
     def sub(m: re.Match[str]) -> str:
         if m.group(1) not in os.environ:
             name = m.group(1) if len(m.group(1)) <= SHOWN else m.group(1)[:SHOWN] + "..."
-            raise BadInput(f"{where}: environment variable {name} is not set")
+            raise BadInput(
+                f"{where}: environment variable {name} is not set; set it to what the recipe expects there, "
+                f"e.g. export {name}=/path/to/models (the recipe's comments say which files)"
+            )
         return os.environ[m.group(1)]
 
     return _ENV.sub(sub, value)
@@ -233,6 +236,11 @@ class BoundedLoader(yaml.SafeLoader):
 
 # The table holds plain functions, so the override must be registered to be used.
 BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
+# YAML 1.1 (PyYAML) reads `5e-5` as a string: its floats need a dot. YAML 1.2 and every other tool read it as a
+# number, and learning rates are written that way, so exponent forms without a dot are floats here too.
+BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _parse_yaml(raw: bytes, p: Path) -> Any:

@@ -13,7 +13,7 @@ import torch
 from . import __version__, artifacts, students
 from .devices import resolve_device, resolve_dtype
 from .errors import BadInput
-from .generate import generate
+from .generate import generate, nfe_notes
 from .images import save_pictures
 from .models import Denoiser, resolve
 from .npzfiles import ensure_dir, write_npz
@@ -111,12 +111,15 @@ def run_sample(
     progress: AbstractContextManager[Callable[..., Any]],
     force: bool = False,
     precision: str = "fp32",
+    say: Callable[[str], None] = lambda message: None,
 ) -> str:
     """Sample seeds [seed, seed + num) and write samples.npz and pictures to out_dir; returns a summary line."""
     if num < 1:
         raise BadInput(f"--num: must be >= 1, got {num}")
     if batch < 1:
         raise BadInput(f"--batch: must be >= 1, got {batch}")
+    for note in nfe_notes([nfe] if nfe is not None else []):
+        say(note)
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     den, sol, extra = load_solver(solver, model, nfe, schedule, afs, lower_order_final, dev, torch_dtype, force)
@@ -161,13 +164,23 @@ def run_sample(
         refuse_non_finite(torch.from_numpy(shown_x), solver, den.spec, num, "decoded images")
     write_npz(out / "samples.npz", meta, **arrays)
     try:
-        pictures = save_pictures(shown_x, out, png_each=png, title=f"{meta['solver']}, NFE {res.nfe}")
+        pictures = save_pictures(shown_x, out, png_each=png, title=picture_title(meta, num, seed))
     except OSError as e:  # samples.npz is written; only the pictures are missing
         raise BadInput(f"{out}: wrote samples.npz but cannot write its pictures: {e.strerror or e}") from None
     shown = ", ".join(str(pth) for pth in [out / "samples.npz", *pictures])
     return (
         f"{num} samples, {meta['solver']}, NFE {res.nfe} ({res.network_passes} network passes), "
         f"{'AFS, ' if meta.get('afs') else ''}{meta.get('steps', '?')} steps -> {shown}"
+    )
+
+
+def picture_title(meta: dict, num: int, seed: int) -> str:
+    """What a sample picture shows: which samples, of which model, by which solver at which NFE."""
+    shown_n = min(num, 64)  # save_pictures draws at most 64 images
+    which = f"{shown_n} samples" if shown_n == num else f"the first {shown_n} of {num} samples"
+    return (
+        f"{which} (seeds {seed}..{seed + shown_n - 1}) of {meta['model']}, solver {meta['solver']}"
+        f"{' (artifact ' + Path(meta['artifact']).name + ')' if meta.get('artifact') else ''}, NFE {meta['nfe']}"
     )
 
 

@@ -77,7 +77,9 @@ def test_resolver(tmp_path, tiny64):
     )
     assert resolver(str(path), 4) is None and resolver(str(path), 3).nfe == 3
     assert resolver("dode", 3).nfe == 3  # found by method and NFE in the folders
-    with pytest.raises(BadInput, match="no dode artifact for this model at NFE 4 .* pass --recipe"):
+    with pytest.raises(BadInput, match=r"no artifact for model gmm:tiny in .*: dode at NFE 4 \(found: dode NFE 3 "):
+        resolver("dode", 4)
+    with pytest.raises(BadInput, match=r"with --recipe RECIPE .* sdistill distill RECIPE --method dode --nfe 4"):
         resolver("dode", 4)
 
 
@@ -108,7 +110,7 @@ def test_run_compare_measures_against_rk4(tiny64):
     want = rmse(generate(m, plan("euler", 4, m), list(range(7, 13))).x.float(), ref.float())
     got = next(r["value"] for r in comp.rows if (r["solver"], r["nfe"], r["metric"]) == ("euler", 4, "rmse"))
     assert got == pytest.approx(want, rel=1e-6)
-    assert set(comp.grid_images) == {"reference", "euler", "heun"}  # the grid is drawn at the middle NFE (4)
+    assert set(comp.grid_images) == {"reference", "euler, NFE 4", "heun, NFE 4"}  # drawn at the middle NFE
 
 
 def test_compare_writes_consistent_outputs(tmp_path, cli):
@@ -213,7 +215,7 @@ def test_compare_with_recipe_uses_cache_and_artifacts(tmp_path, cli, recipe_file
         (["--nfe", "3,0"], "--nfe"),
         (["--nfe", "3,x"], "--nfe"),
         (["--metric", "ssim"], "unknown metric"),
-        (["--solvers", "dlms"], "no dlms artifact"),
+        (["--solvers", "dlms"], ": dlms at NFE 3. Distill them on the way with --recipe"),
         (["--num", "1"], "--num"),
     ],
 )
@@ -241,4 +243,4 @@ def test_unwritable_output_is_bad_input(tmp_path, cli):
         tmp_path / "file" / "c.json",
         "--quiet",
     )
-    assert r.exit_code == 2 and "cannot write an output file" in r.output
+    assert r.exit_code == 2 and "--json: cannot write" in r.output and "is a file, not a folder" in r.output

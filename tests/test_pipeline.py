@@ -43,7 +43,7 @@ def test_teacher_cache_is_built_once(recipe):
 
     ws = open_workspace(recipe, "cpu", said.append, bar)
     assert ws.teacher_built and ws.cache.num_samples == 30 and ws.model.dtype == torch.float64
-    assert bars == [(30, "teacher")] and "building it first (30 of 30 samples" in said[0]
+    assert bars == [(30, "teacher (30 of 30 left)")] and "building it first (30 of 30 samples" in said[0]
     cache, built = teacher_cache(recipe, ws.model, said.append, bar)
     assert not built and cache.num_samples == 30 and len(said) == 1 and len(bars) == 1  # nothing left to do
 

@@ -127,7 +127,7 @@ def test_student_and_train_keys_are_checked_by_their_method(tmp_path, cli):
     assert r.exit_code == 2 and "student.ordr: unknown key" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "c").exists()  # validated before any work
     r = cli("distill", path, "--method", "magic", "--quiet")
-    assert r.exit_code == 2 and "student.method: unknown method 'magic'" in r.output
+    assert r.exit_code == 2 and "--method: unknown method 'magic'; choose one of dlms, dode, sfd" in r.output
     method = students.get("dlms")
     with pytest.raises(BadInput, match="train.lr_decay: must be one of cosine, none"):
         method.configs({"method": "dlms"}, {"lr_decay": "step"})
@@ -263,3 +263,28 @@ def test_paths_outside_the_recipe_folder_and_cwd_get_a_note(tmp_path, monkeypatc
     rec = load_recipe(write(sub, OK + "teacher: {cache: ../recipes/c}\n"))
     assert path_notes(rec) == []
     assert path_notes(load_recipe(write(proj, OK))) == []  # the default cache/NAME
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads `5e-5` as a string; the recipe loader reads it as the number everyone means.
+    path = write(tmp_path, "model: {spec: gmm:tiny}\nstudent: {method: dlms}\ntrain: {lr: 5e-5, clip: 1E2}\n")
+    _, _, train = method_configs(load_recipe(path), say=lambda m: None)
+    assert train.lr == 5e-5 and train.clip == 100.0
+    path = write(tmp_path, "model: {spec: gmm:tiny}\nname: 1e5x\nteacher: {steps: 4, seed: 12}\n")
+    r = load_recipe(path)
+    assert r.name == "1e5x" and r.teacher.seed == 12  # names stay strings, integers stay integers
+    path = write(tmp_path, "model: {spec: gmm:tiny}\nteacher: {steps: 1e3}\n")
+    with pytest.raises(BadInput, match="teacher.steps: expected int, got 1000.0"):
+        load_recipe(path)
+    path = write(tmp_path, "model: {spec: gmm:tiny}\nstudent: {method: dlms}\ntrain: {lr: 1e999}\n")
+    with pytest.raises(BadInput, match="train.lr: must be a finite number"):
+        method_configs(load_recipe(path), say=lambda m: None)
+
+
+def test_student_and_train_errors_name_the_recipe_file(tmp_path, cli):
+    path = write(tmp_path, "model: {spec: gmm:tiny}\nstudent: {method: dlms, nfe: 0}\n")
+    with pytest.raises(BadInput, match=f"^{path}: student.nfe: must be >= 1"):
+        method_configs(load_recipe(path), say=lambda m: None)
+    path = write(tmp_path, "model: {spec: gmm:tiny}\ntrain: {lr: fast}\n")
+    r = cli("distill", path, "--quiet")
+    assert r.exit_code == 2 and f"{path}: train.lr: expected float, got 'fast'" in r.output

@@ -31,12 +31,16 @@ def command(
     solvers_: str = typer.Option(
         "ddim,dpm++,dlms",
         "--solvers",
-        help="Comma-separated: handcrafted names (+afs), "
-        "artifact paths, or student methods (dlms, dode, sfd, plugins).",
+        help="Comma-separated: handcrafted names (+afs), artifact paths, or student methods (dlms, dode, sfd, "
+        "plugins; found in --artifacts, or distilled from --recipe's teacher cache).",
     ),
     nfe: str = typer.Option("3,4,5,6,8,10", "--nfe", help="Comma-separated NFEs."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe: model, teacher cache (reference), students."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model spec (reference: an RK4 solve run here)."),
+    recipe: Optional[Path] = typer.Option(
+        None, "--recipe", help="Recipe: model, teacher cache (reference), students. One of --recipe/--model."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Model spec; the reference is an RK4 solve run here. One of --recipe/--model."
+    ),
     num: int = typer.Option(1000, "--num", help="Number of seeds."),
     seed: Optional[int] = typer.Option(None, "--seed", help="First seed (with --model; default 1000000)."),
     metric: str = typer.Option("rmse", "--metric", help="Comma-separated: rmse, psnr, fd, fid."),
@@ -46,12 +50,19 @@ def command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write rows as JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write rows as CSV."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Metric-versus-NFE plot (PNG)."),
-    grid_out: Optional[Path] = typer.Option(None, "--grid", help="Image grid, one row per solver (PNG)."),
+    grid_out: Optional[Path] = typer.Option(
+        None, "--grid", help="Image grid (PNG): the reference, then one row per solver at the middle NFE."
+    ),
     inception: Optional[str] = typer.Option(None, "--inception", help="Inception weights for --metric fid."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
-    """Compare solvers across NFEs on the same seeds: table, JSON/CSV rows, plot and image grid."""
-    from ..comparison import run_compare
+    """Compare solvers across NFEs on the same seeds: table, acceleration ratios, JSON/CSV rows, plot and image
+    grid. Needs one of --recipe (reference: its teacher cache; missing students are distilled from it) or
+    --model (reference: an RK4 solve).
+
+    Example: sdistill compare --model gmm:cifar --solvers ddim,dpm++,ipndm --nfe 3,5,8"""
+    from ..comparison import Comparison, run_compare
+    from ..npzfiles import check_output
     from ..recipes import load_recipe
 
     names = parse_list(solvers_, "--solvers")
@@ -61,29 +72,62 @@ def command(
     folders = (
         [Path(p) for p in parse_list(artifacts_dir, "--artifacts")] if artifacts_dir else [Path("out"), Path("solvers")]
     )
+    outputs = {"--json": json_out, "--csv": csv_out, "--plot": plot_out, "--grid": grid_out}
+    for flag, path in outputs.items():
+        if path is not None:
+            check_output(path, flag)  # before any work: a bad path must not cost the run
     began = time.time()
-    comp = run_compare(
-        names,
-        nfes,
-        recipe=rec,
-        model_spec=model,
-        num=num,
-        seed=seed,
-        metrics=metrics,
-        folders=folders,
-        say=say,
-        progress_factory=progress(quiet),
-        inception=inception,
-    )
+    comp = Comparison()
+    try:
+        run_compare(
+            names,
+            nfes,
+            recipe=rec,
+            model_spec=model,
+            num=num,
+            seed=seed,
+            metrics=metrics,
+            folders=folders,
+            say=say,
+            progress_factory=progress(quiet),
+            inception=inception,
+            comp=comp,
+        )
+    except BaseException:
+        if comp.rows:  # keep what was measured before the failure: print it and write the files asked for
+            report(comp, metrics, names, nfes, outputs, began)
+            say(f"kept the {len(comp.rows)} results measured before the failure (above)")
+        raise
+    report(comp, metrics, names, nfes, outputs, began)
+
+
+def report(comp, metrics: list[str], names: list[str], nfes: list[int], outputs: dict, began: float) -> None:
+    """The tables, the acceleration ratios and the files asked for."""
     for m in metrics:
-        out.print(table(comp, m, names, nfes))
+        if any(r["metric"] == m for r in comp.rows):
+            out.print(table(comp, m, names, nfes))
+    for a in comp.accelerations():
+        line(acceleration_line(a))
     for note in comp.notes:
         say(note)
-    written = write_outputs(comp, json_out, csv_out, plot_out, grid_out)
+    written = write_outputs(comp, outputs["--json"], outputs["--csv"], outputs["--plot"], outputs["--grid"])
     line(f"{comp.samples} seeds; reference: {comp.reference}")
     line(
         f"* best per column; NFE = denoiser calls, (Np) = network passes where they differ. "
         f"{time.time() - began:.1f}s" + (f"; wrote {', '.join(map(str, written))}" if written else "")
+    )
+
+
+def acceleration_line(a: dict) -> str:
+    """`dlms at NFE 5: 2.31x (the best handcrafted solver needs NFE 11.6 for its rmse)`."""
+    if a["ratio"] == float("inf"):
+        return (
+            f"acceleration: {a['solver']} at NFE {a['nfe']}: more than {a['upto'] / a['nfe']:.2f}x (no handcrafted "
+            f"solver here reaches its {a['metric']} by NFE {a['upto']}; add larger NFEs to --nfe)"
+        )
+    return (
+        f"acceleration: {a['solver']} at NFE {a['nfe']}: {a['ratio']:.2f}x (the best handcrafted solver here "
+        f"needs NFE {a['ratio'] * a['nfe']:.1f} for the same {a['metric']})"
     )
 
 
@@ -110,14 +154,14 @@ def table(comp, metric: str, names: list[str], nfes: list[int]) -> Table:
 
 def write_outputs(comp, json_path=None, csv_path=None, plot_path=None, grid_path=None) -> list[Path]:
     """The rows as JSON and CSV, the plot and the image grid, where asked for."""
-    from ..images import as_images, image_grid, save_png
+    from ..images import as_images, image_grid, label_rows, save_png
 
     written = []
     try:
         if json_path:
-            Path(json_path).write_text(
-                json.dumps({"reference": comp.reference, "samples": comp.samples, "rows": comp.rows}, indent=1)
-            )
+            accel = [a | {"ratio": None if a["ratio"] == float("inf") else a["ratio"]} for a in comp.accelerations()]
+            doc = {"reference": comp.reference, "samples": comp.samples, "rows": comp.rows, "acceleration": accel}
+            Path(json_path).write_text(json.dumps(doc, indent=1))
             written.append(Path(json_path))
         if csv_path:
             with open(csv_path, "w", newline="") as f:
@@ -130,7 +174,8 @@ def write_outputs(comp, json_path=None, csv_path=None, plot_path=None, grid_path
             written.append(Path(plot_path))
         if grid_path and comp.grid_images:
             rows = [as_images(v) for v in comp.grid_images.values()]
-            save_png(image_grid(np.concatenate(rows), cols=rows[0].shape[0]), Path(grid_path))
+            grid = image_grid(np.concatenate(rows), cols=rows[0].shape[0])
+            save_png(label_rows(grid, list(comp.grid_images)), Path(grid_path))
             written.append(Path(grid_path))
     except OSError as e:
         raise BadInput(f"cannot write an output file: {e}") from None
@@ -143,6 +188,7 @@ def plot(comp, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     metrics = list(dict.fromkeys(r["metric"] for r in comp.rows))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
@@ -152,13 +198,19 @@ def plot(comp, path) -> None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=solver)
         ax.set_xscale("log")
+        nfes = sorted({r["nfe"] for r in comp.rows if r["metric"] == metric})
+        ax.set_xticks(nfes, [str(n) for n in nfes])  # the NFEs measured, as plain numbers
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         if metric != "psnr":
             ax.set_yscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel(metric)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.set_title(f"{metric} ({'higher' if metric == 'psnr' else 'lower'} is better)", fontsize=9)
+    # The legend sits beside the panels, never over the points.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.suptitle(f"{comp.samples} seeds; reference: {comp.reference}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

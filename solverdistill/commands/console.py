@@ -11,8 +11,8 @@ err = Console(stderr=True, markup=False)  # messages hold user text ([...] is no
 
 
 def say(message: str) -> None:
-    """A message for the user (stderr)."""
-    err.print(message, highlight=False)
+    """A message for the user (stderr), never wrapped: paths and URLs stay whole in a log or a narrow terminal."""
+    err.print(message, highlight=False, soft_wrap=True)
 
 
 def line(text: str) -> None:

@@ -42,4 +42,16 @@ def command(
     for name, value in rep.rows:
         table.add_row(name, f"{value:.4f}")
     out.print(table)
+    m = rep.metrics
+    ratio, curve = m.get("acceleration"), m.get("best_handcrafted_by_nfe", {})
+    if ratio is not None:
+        line(
+            f"acceleration: {ratio:.2f}x (the best handcrafted solver needs NFE {ratio * rep.nfe:.1f} for the "
+            f"student's held-out RMSE at NFE {rep.nfe})"
+        )
+    elif curve:
+        line(
+            f"acceleration: more than {max(map(int, curve)) / rep.nfe:.2f}x (no handcrafted solver reaches the "
+            f"student's held-out RMSE by NFE {max(map(int, curve))})"
+        )
     line(f"wrote {rep.path} ({rep.seconds:.1f}s{', teacher built first' if rep.teacher_built else ''})")

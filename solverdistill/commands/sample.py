@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .console import line, progress
+from .console import line, progress, say
 
 
 def command(
@@ -77,6 +77,7 @@ def command(
             png=png,
             force=force,
             precision=precision,
-            progress=progress(quiet)(num, "sampling"),
+            progress=progress(quiet)(num, f"sampling {num} seeds"),
+            say=say,
         )
     )

@@ -38,7 +38,8 @@ def command(
     # The one command whose job is the cache: it also checks every finished shard's checksums (readers check
     # only what they map), so a damaged shard is regenerated here rather than found by a later distill.
     with prepare_teacher(r, overwrite=overwrite, verify=True) as job:
-        with progress(quiet)(job.missing, "teacher") as bar:
+        label = f"teacher ({job.missing} of {r.teacher.num_samples} left)"
+        with progress(quiet)(job.missing, label) as bar:
             rep = job.run(progress=bar)
     line(
         f"{rep.root}: {rep.total} samples ({rep.generated} integrated now, {rep.reused} already cached), "

@@ -21,11 +21,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..devices import resolve_device, resolve_dtype
 from ..errors import BadInput, RunFailed
 from ..generate import initial_noise
 from ..grids import make_grid
-from ..models import resolve
 from ..recipes import Recipe
 from ..solvers import get as get_solver
 from ..solvers.base import Step, call
@@ -261,7 +259,9 @@ def prepare_teacher(
         held = e
     try:
         if model is None:
-            model = resolve(recipe.model.spec, device=resolve_device(t.device), dtype=resolve_dtype(t.compute_dtype))
+            from ..pipeline import recipe_model  # (the pipeline imports this module)
+
+            model = recipe_model(recipe, t.device)
         spec = teacher_spec(recipe, model)
         manifest = None if overwrite else read_manifest(root)
         if manifest is not None:
