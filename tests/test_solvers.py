@@ -197,6 +197,147 @@ def test_matches_plain_loop(tiny64, noise, name, loop, options, schedule):
     assert torch.allclose(got, want, atol=1e-10, rtol=0)
 
 
+# --- the diff-sampler protocol and DEIS, against plain loops written from the formulas --------------------------
+
+
+def threshold_ref(den):
+    """Dynamic thresholding from its definition: per sample, s = max(99.5% quantile of |D|, 1); clip to [-s, s], / s."""
+    rows = []
+    for row in den:
+        s = max(float(np.quantile(row.abs().flatten().numpy(), 0.995)), 1.0)
+        rows.append(row.clamp(-s, s) / s)
+    return torch.stack(rows)
+
+
+def loop_dpmpp_3m_thresholded(model, x, s, afs):
+    """diff-sampler's DPM-Solver++(3M): every D (the AFS estimate too) thresholded; order i + 1 while it grows,
+    then min(3, steps left)."""
+    n, Ds = len(s) - 1, []
+    for i in range(n):
+        den = afs_denoised(x, s[0]) if afs and i == 0 else D(model, x, s[i])
+        Ds.insert(0, threshold_ref(den))
+        order = i + 1 if i + 1 < 3 else min(3, n - i)
+        h = math.log(s[i] / s[i + 1])
+        phi1 = math.expm1(-h)
+        x = (s[i + 1] / s[i]) * x - phi1 * Ds[0]
+        if order == 2:
+            r0 = math.log(s[i - 1] / s[i]) / h
+            x = x - 0.5 * phi1 * (Ds[0] - Ds[1]) / r0
+        elif order == 3:
+            r0, r1 = math.log(s[i - 1] / s[i]) / h, math.log(s[i - 2] / s[i - 1]) / h
+            d1_0, d1_1 = (Ds[0] - Ds[1]) / r0, (Ds[1] - Ds[2]) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi2 = phi1 / h + 1
+            x = x + phi2 * d1 - (phi2 / h - 0.5) * d2
+    return x
+
+
+def loop_deis(model, x, s, nodes, smin, smax, points, riemann):
+    """DEIS tAB: d extrapolated by the Lagrange polynomial in VP time through the last `nodes` nodes, integrated
+    against dsigma/dtau over the step: a sum over `points` equally spaced points (ends included) times
+    dtau / points when `riemann`, else the midpoint rule. The first step is Euler. tau from the VP-SDE whose sigma
+    is smin at tau = 1e-3 and smax at 1."""
+    eps = 1e-3
+    g0, g1 = math.log(smin**2 + 1), math.log(smax**2 + 1)
+    bd = 2 * (g0 / eps - g1) / (eps - 1)
+    bmin = g1 - 0.5 * bd
+
+    def tau(sig):
+        return (math.sqrt(bmin**2 + 2 * bd * math.log(sig**2 + 1)) - bmin) / bd
+
+    def slope(t):  # dsigma/dtau
+        g = 0.5 * bd * t**2 + bmin * t
+        return (bd * t + bmin) * np.exp(g) / (2 * np.sqrt(np.expm1(g)))
+
+    ts = [tau(v) for v in s]
+    if (smin, smax) == (s[-1], s[0]):
+        ts[0], ts[-1] = 1.0, eps
+    ds = []
+    for i in range(len(s) - 1):
+        ds.insert(0, (x - D(model, x, s[i])) / s[i])
+        k = min(nodes, i + 1)
+        if k == 1:
+            x = x + (s[i + 1] - s[i]) * ds[0]
+            continue
+        lo, hi = ts[i], ts[i + 1]
+        if riemann:
+            q, w = np.linspace(lo, hi, points), (hi - lo) / points
+        else:
+            q, w = lo + (np.arange(points) + 0.5) * (hi - lo) / points, (hi - lo) / points
+        prev = [ts[i - m] for m in range(k)]
+        for j in range(k):
+            basis = np.prod([(q - prev[m]) / (prev[j] - prev[m]) for m in range(k) if m != j], axis=0)
+            x = x + float(np.sum(slope(q) * basis) * w) * ds[j]
+    return x
+
+
+def wide(model):
+    """The model's output times 3: data reaching past [-1, 1], where thresholding bites."""
+    return lambda x, s, c=None: 3.0 * model(x, s, c)
+
+
+@pytest.mark.parametrize("afs", [False, True])
+def test_diff_sampler_dpmpp_thresholds_every_D(tiny64, noise, afs):
+    x0, model = noise(tiny64, 4, seed=5), wide(tiny64)
+    p = plan("dpm++3m", 8, tiny64, afs=afs, protocol="diff-sampler")
+    got = p.solve(model, x0)
+    want = loop_dpmpp_3m_thresholded(model, x0, p.sigmas.tolist(), afs)
+    assert torch.allclose(got, want, atol=1e-10, rtol=0), (got - want).abs().max()
+    plain = plan("dpm++3m", 8, tiny64, afs=afs).solve(model, x0)
+    assert (plain - got).abs().max() > 1e-2  # thresholding changed the samples
+    assert p.describe()["protocol"] == "diff-sampler"
+
+
+def test_diff_sampler_unipc_thresholds_predictor_and_corrector_inputs(tiny64, noise):
+    """UniPC reads D in its predictor and its corrector: both see thresholded outputs, as if the denoiser were."""
+    x0, model = noise(tiny64, 4, seed=6), wide(tiny64)
+    got = plan("unipc", 8, tiny64, protocol="diff-sampler").solve(model, x0)
+    want = plan("unipc", 8, tiny64).solve(lambda x, s, c=None: threshold_ref(model(x, s, c)), x0)
+    assert torch.allclose(got, want, atol=1e-10, rtol=0)
+    assert (plan("unipc", 8, tiny64).solve(model, x0) - got).abs().max() > 1e-2
+    for name in ("euler", "ipndm", "heun"):  # solvers that read d are untouched
+        assert torch.equal(
+            plan(name, 8, tiny64, protocol="diff-sampler").solve(model, x0), plan(name, 8, tiny64).solve(model, x0)
+        )
+
+
+def test_deis_is_tab3_four_nodes_and_its_order_is_settable(tiny64, noise):
+    x0 = noise(tiny64, 3, seed=7)
+    p = plan("deis", 8, tiny64)
+    s = p.sigmas.tolist()
+    got = p.solve(tiny64, x0)
+    want = loop_deis(tiny64, x0, s, 4, s[-1], s[0], 20000, riemann=False)
+    assert torch.allclose(got, want, rtol=1e-7, atol=1e-7), (got - want).abs().max()
+    three = loop_deis(tiny64, x0, s, 3, s[-1], s[0], 20000, riemann=False)
+    assert (three - want).abs().max() > 1e-4  # four nodes is not the three-node rule
+    p2 = plan("deis:order=2", 8, tiny64)
+    assert p2.options == {"order": 2} and p2.describe()["order"] == 2
+    assert torch.allclose(p2.solve(tiny64, x0), three, rtol=1e-7, atol=1e-7)
+    assert deis_table(p.sigmas).c.shape[1] == 4 and deis_table(p.sigmas, order=0).c.shape[1] == 1
+
+
+def test_diff_sampler_deis_is_its_riemann_sum_on_the_edm_tau_range(tiny64, noise):
+    x0 = noise(tiny64, 3, seed=8)
+    p = plan("deis", 8, tiny64, schedule="logsnr", protocol="diff-sampler")
+    got = p.solve(tiny64, x0)
+    want = loop_deis(tiny64, x0, p.sigmas.tolist(), 4, 0.002, 80.0, 10000, riemann=True)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), (got - want).abs().max()
+
+
+def test_bad_solver_options_and_protocols_are_bad_input(tiny64):
+    for name, words in (
+        ("deis:order=7", "order must be"),
+        ("deis:quad=3", "no option 'quad'"),
+        ("deis:order", "NAME:KEY=VALUE"),
+        ("euler:order=2", "no option"),
+    ):
+        with pytest.raises(BadInput, match=words):
+            plan(name, 4, tiny64)
+    with pytest.raises(BadInput, match="--protocol"):
+        plan("euler", 4, tiny64, protocol="k-diffusion")
+
+
 # --- tables --------------------------------------------------------------------------------------------------------
 
 
