@@ -121,7 +121,8 @@ def pixel_run(pipe_unet, sched, z):
         return res
 
     sched.step = spy
-    pipe(batch_size=len(z), generator=[torch.Generator().manual_seed(s) for s in range(len(z))], output_type="np")
+    generators = [torch.Generator().manual_seed(s) for s in range(len(z))]
+    pipe(batch_size=len(z), generator=generators, num_inference_steps=len(sched.timesteps), output_type="np")
     return last["x"]
 
 
