@@ -126,7 +126,7 @@ def grid_of(art: artifacts.Artifact) -> tuple[list[float], str]:
     return values.tolist(), left_out
 
 
-def model_folder(art: artifacts.Artifact, model: Optional[str]) -> tuple[Path, dict]:
+def model_folder(art: artifacts.Artifact, model: Optional[str], force: bool = False) -> tuple[Path, dict]:
     """The diffusers folder the solver was distilled for (`--model`, else meta.model) and its spec options."""
     spec = model or art.meta.get("model") or ""
     if not spec.startswith("diffusers:"):
@@ -139,10 +139,14 @@ def model_folder(art: artifacts.Artifact, model: Optional[str]) -> tuple[Path, d
     root = Path(body).expanduser()
     if not root.is_dir():
         raise BadInput(f"--model: no such diffusers folder {root} (from {spec!r}); pass --model diffusers:DIR")
+    if model:  # a model named by hand must be the one the solver was distilled for
+        from .models.diffusers_models import spec_fingerprint
+
+        artifacts.check_model(art, spec_fingerprint(root, query), force, artifacts.FORCE_HINT)
     return root, {k: v[-1] for k, v in parse_qs(query).items()}
 
 
-def scheduler_of(art: artifacts.Artifact, model: Optional[str]) -> Any:
+def scheduler_of(art: artifacts.Artifact, model: Optional[str], force: bool = False) -> Any:
     """A `SolverDistillScheduler` carrying the artifact, with the VP table of its model's scheduler config."""
     try:
         from .diffusers_scheduler import SolverDistillScheduler
@@ -153,7 +157,7 @@ def scheduler_of(art: artifacts.Artifact, model: Optional[str]) -> Any:
     from .models.diffusers_models import scheduler_config
 
     ex = exported(art)
-    root, opts = model_folder(art, model)
+    root, opts = model_folder(art, model, force)
     cfg = scheduler_config(root)
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
     t = ex.table
@@ -182,14 +186,16 @@ def write_json(path: Path, doc: Any) -> None:
         raise BadInput(f"--out: cannot write {path}: {e.strerror or e}") from None
 
 
-def run_export(artifact: str, to: str, out: Optional[Path] = None, model: Optional[str] = None) -> str:
+def run_export(
+    artifact: str, to: str, out: Optional[Path] = None, model: Optional[str] = None, force: bool = False
+) -> str:
     """Write the artifact in format `to`; returns what to print (the file, the conventions and an example call)."""
     if to not in FORMATS:
         raise BadInput(f"--to: unknown format {to!r}; choose one of {', '.join(FORMATS)}")
     art = artifacts.load(artifact)
     stem = Path(artifact).with_suffix("")
     if to == "diffusers-scheduler":
-        sched, ex = scheduler_of(art, model)
+        sched, ex = scheduler_of(art, model, force)
         dest = Path(out) if out else stem.with_name(stem.name + "_scheduler")
         try:
             sched.save_pretrained(str(dest))

@@ -226,7 +226,12 @@ def test_what_cannot_be_exported_is_exit_2(tmp_path, tiny64, ddpm_dir, cli):
     assert r.exit_code == 2 and "not a diffusers model" in r.output, r.output
     r = cli("export", gmm, "--to", "onnx")
     assert r.exit_code == 2 and "--to" in r.output and "comfyui" in r.output, r.output
+    ok = dode_artifact(tmp_path / "ok.npz", model, base="euler")
+    r = cli("export", ok, "--to", "diffusers-scheduler", "--model", f"{spec}?round_timesteps=1")
+    assert r.exit_code == 2 and "fingerprint" in r.output and "--force" in r.output, r.output
+    r = cli("export", ok, "--to", "diffusers-scheduler", "--model", f"{spec}?round_timesteps=1", "--force")
+    assert r.exit_code == 0, r.output
     sfd = Artifact({**artifacts.load(gmm).meta, "method": "sfd"}, {"grid": np.array([80.0, 1.0, 0.002])})
     artifacts.save(sfd, tmp_path / "s.npz")
-    r = cli("export", tmp_path / "s.npz", "--to", "diffusers-scheduler", "--model", spec)
+    r = cli("export", tmp_path / "s.npz", "--to", "diffusers-scheduler", "--model", spec, "--force")
     assert r.exit_code == 2 and "SFD" in r.output, r.output

@@ -19,8 +19,9 @@ def command(
     model: Optional[str] = typer.Option(
         None, "--model", help="diffusers:DIR whose VP table maps sigma to timesteps (default: the artifact's model)."
     ),
+    force: bool = typer.Option(False, "--force", help="Use --model even if the artifact was made for another model."),
 ):
     """Export a solver where people sample: diffusers (a scheduler, or sigmas=) and ComfyUI (SIGMAS)."""
     from ..export import run_export
 
-    line(run_export(artifact, to, out, model))
+    line(run_export(artifact, to, out, model, force))

@@ -266,6 +266,12 @@ def scheduler_config(root: Path) -> dict:
     return _read_json(path, "scheduler config")
 
 
+def spec_fingerprint(root: Path, query: str = "") -> str:
+    """The fingerprint of `diffusers:ROOT?QUERY`: the folder's, plus a digest of the options (which change the
+    denoiser: guidance, prompts)."""
+    return fingerprint(root) + ("" if not query else "?" + hashlib.sha256(query.encode()).hexdigest()[:8])
+
+
 def load(body: str, spec: str) -> VPDenoiser:
     path, _, query = body.partition("?")
     opts = parse_options(query, spec)
@@ -283,7 +289,7 @@ def load(body: str, spec: str) -> VPDenoiser:
             f"--model {spec}: diffusers is not installed; pip install 'solverdistill[diffusers]' "
             "(keep your torch: add -c with torch==<installed version>)"
         ) from None
-    fp = fingerprint(root) + ("" if not query else "?" + hashlib.sha256(query.encode()).hexdigest()[:8])
+    fp = spec_fingerprint(root, query)
     rounding = bool(opts.get("round_timesteps", False))
     index, sub = layout(root)
     sched_path = sub("scheduler") / "scheduler_config.json"
