@@ -107,10 +107,10 @@ def test_dode_table_is_the_base_table_with_its_lambdas(tmp_path, tiny64):
     )
 
 
-def pixel_run(pipe_unet, sched, z):
-    """DDPMPipeline itself, with the final state read from the scheduler's last step (the pipeline clamps and
-    rescales to [0, 1] afterwards)."""
-    pipe = diffusers.DDPMPipeline(unet=pipe_unet, scheduler=sched)
+def pixel_run(pipe_unet, sched, z, pipe=None):
+    """DDPMPipeline itself (or `pipe`), with the final state read from the scheduler's last step (the pipeline
+    decodes, clamps or rescales it afterwards)."""
+    pipe = pipe or diffusers.DDPMPipeline(unet=pipe_unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     last = {}
     step = sched.step
@@ -138,6 +138,46 @@ def test_scheduler_reproduces_sample_in_ddpm_pipeline(kind, ddpm_dir, tmp_path, 
     # DDPMPipeline starts from z (it skips init_noise_sigma), i.e. sqrt(1 + sigma_max^2) z, not sigma_max z:
     # a relative 1 / (2 sigma_max^2) = 2e-5 at sigma_max 157.
     assert rel(got, want) < 1e-4, rel(got, want)
+
+
+@pytest.mark.parametrize("kind", ["dlms", "dode"])
+def test_scheduler_reproduces_sample_in_a_latent_pipeline(kind, tmp_path, cli, ddpm_scheduler):
+    """LDMPipeline (a UNet2DModel over VQ latents): it scales its noise by init_noise_sigma and calls
+    scale_model_input, so the start is ours exactly."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    vq = diffusers.VQModel(
+        latent_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        num_vq_embeddings=32,
+    )
+    root = tmp_path / "ldm"
+    unet.save_pretrained(root / "unet")
+    vq.save_pretrained(root / "vqvae")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(ddpm_scheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195))
+    )
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline", "unet": [], "vqvae": []}))
+    spec = f"diffusers:{root}"
+    model = resolve(spec)
+    art = (dlms_artifact if kind == "dlms" else dode_artifact)(tmp_path / f"{kind}.npz", model)
+    want, z = ours(cli, art, spec, tmp_path / "s")
+    sched = exported(cli, art, tmp_path)
+    got = pixel_run(None, sched, z, diffusers.LDMPipeline(vqvae=model.autoencoder, unet=model.net, scheduler=sched))
+    assert rel(got, want) < 1e-5, rel(got, want)
 
 
 @pytest.fixture(scope="module")
