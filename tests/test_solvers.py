@@ -336,6 +336,20 @@ def test_bad_solver_options_and_protocols_are_bad_input(tiny64):
             plan(name, 4, tiny64)
     with pytest.raises(BadInput, match="--protocol"):
         plan("euler", 4, tiny64, protocol="k-diffusion")
+    with pytest.raises(BadInput, match="--protocol"):
+        plan("euler@k-diffusion", 4, tiny64)
+
+
+def test_protocol_after_the_name_is_the_protocol_argument(tiny64, noise):
+    """`--protocol` reaches handcrafted names in sample and compare as `NAME@PROTOCOL` (options and +afs kept)."""
+    x0 = wide(tiny64)(noise(tiny64, 2, seed=9), torch.full((2,), 80.0, dtype=torch.float64))
+    named = plan("deis:order=2@diff-sampler", 6, tiny64)
+    assert named.protocol == "diff-sampler" and named.options == {"order": 2}
+    for name in ("dpm++3m", "unipc"):
+        a = plan(f"{name}@diff-sampler", 6, tiny64, afs=True).solve(wide(tiny64), x0)
+        b = plan(name, 6, tiny64, afs=True, protocol="diff-sampler").solve(wide(tiny64), x0)
+        assert torch.equal(a, b)
+    assert all(p.protocol == "diff-sampler" for p in sweep(6, tiny64, protocol="diff-sampler").values())
 
 
 # --- tables --------------------------------------------------------------------------------------------------------

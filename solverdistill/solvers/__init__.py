@@ -193,10 +193,20 @@ def protocol_rules(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
+def split_protocol(name: str) -> tuple[str, str | None]:
+    """`dpm++3m@diff-sampler` -> ("dpm++3m", "diff-sampler"): a protocol named after `@` (how `--protocol` reaches
+    handcrafted names in `sample` and `compare`), or None."""
+    base, at, protocol = name.strip().partition("@")
+    if at:
+        protocol_rules(protocol)
+        return base, protocol
+    return base, None
+
+
 def split_options(name: str) -> tuple[str, dict]:
     """`deis:order=2` -> ("deis", {"order": 2}): a solver name with table options after colons (numbers, or
-    true/false)."""
-    base, *parts = name.strip().split(":")
+    true/false), and any `@protocol` left off."""
+    base, *parts = split_protocol(name)[0].split(":")
     options: dict = {}
     for part in parts:
         key, eq, raw = part.partition("=")
@@ -287,10 +297,15 @@ def plan(
     **options: Any,
 ) -> Plan:
     """Solver `solver` (options after a colon: `deis:order=2`) at `nfe` denoiser calls on `model`'s sigma range:
-    its default grid unless `schedule`, run as `protocol` runs it (docs/solvers.md "Protocols")."""
+    its default grid unless `schedule`, run as `protocol` (or an `@protocol` after the name) runs it
+    (docs/solvers.md "Protocols")."""
     info = get(solver)
     protocol_rules(protocol)
     named = split_options(solver)[1]
+    in_name = split_protocol(solver)[1]
+    if in_name is not None and protocol not in ("default", in_name):
+        raise BadInput(f"--protocol: {protocol!r} given, but the solver name {solver!r} names {in_name!r}")
+    protocol = in_name or protocol
     steps = info.steps_for(nfe, afs)
     sigmas = grids.make_grid(schedule or info.default_schedule, steps, model.sigma_min, model.sigma_max)
     if named and info.table is not None:
@@ -306,14 +321,14 @@ def plan(
     )
 
 
-def sweep(nfe: int, model: Any) -> dict[str, Plan]:
+def sweep(nfe: int, model: Any, protocol: str = "default") -> dict[str, Plan]:
     """Every handcrafted solver on its default grid, with and without AFS, that can run at this NFE: the
-    baselines a student is measured against, keyed `name` or `name+afs`."""
+    baselines a student is measured against, keyed `name` or `name+afs` (run as `protocol` runs them)."""
     out = {}
     for name in SOLVERS:
         for afs in (False, True):
             try:
-                out[f"{name}{'+afs' if afs else ''}"] = plan(name, nfe, model, afs=afs)
+                out[f"{name}{'+afs' if afs else ''}"] = plan(name, nfe, model, afs=afs, protocol=protocol)
             except BadInput:
                 continue  # e.g. heun at an odd NFE without AFS
     return out
