@@ -134,6 +134,25 @@ def _method_configs(
     return method, s_cfg, t_cfg
 
 
+def check_split(recipe: Recipe, train: Any) -> None:
+    """The training / validation / held-out split fits in teacher.num_samples: said before the teacher runs (the
+    cache checks it again, against what it holds)."""
+    n, heldout = recipe.teacher.num_samples, train.heldout
+    samples = train.samples or n - heldout
+    where = f"{recipe.path}: " if recipe.path else ""
+    if samples < 1 or samples + heldout > n:
+        raise BadInput(
+            f"{where}train.samples + train.heldout = {samples} + {heldout} exceeds teacher.num_samples {n}; "
+            "raise teacher.num_samples or lower them"
+        )
+    validation = getattr(train, "validation", 0)
+    if validation >= samples:
+        raise BadInput(
+            f"{where}train.validation: {validation} leaves no training trajectories out of {samples} "
+            f"(teacher.num_samples {n} - train.heldout {heldout}); lower it or raise teacher.num_samples"
+        )
+
+
 def handcrafted_curve(
     nfe: int,
     base: dict[str, float],
@@ -195,6 +214,8 @@ def distill(
     note = outside_note(recipe, flag, path)
     if note:
         say(note)
+    if workspace is None:
+        check_split(recipe, t_cfg)
     ws = workspace or open_workspace(recipe, t_cfg.device, say, progress_factory)
     model, cache = ws.model, ws.cache
     _, held = cache.split(t_cfg.samples, t_cfg.heldout)

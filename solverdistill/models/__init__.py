@@ -119,7 +119,9 @@ def _diffusers_runs_code(body: str) -> str | None:
 register_backend(
     "diffusers",
     _diffusers,
-    "diffusers folder (pixel UNet2DModel with its DDPM scheduler config)",
+    "diffusers folder (save_pretrained) with its scheduler config: pixel UNet2DModel, latent diffusion (VQ or KL "
+    "first stage; `sdistill convert ldm` makes one from a CompVis checkpoint) or Stable Diffusion "
+    "(?prompt=, ?prompts=FILE, ?guidance=)",
     ("diffusers:/models/ddpm-cifar10-32",),
     runs_code=_diffusers_runs_code,
 )
