@@ -109,7 +109,7 @@ class SolverDistillScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         self.source = TableSource(self.table, cfg.sigmas, cfg.queries)
         self.stepper = Stepper(self.source)
-        self.calls = Extrapolated(lambda x, sigma, cond: self._raw, cfg.lambdas or [])  # D-ODE (0 = base solver)
+        self.extrapolated = Extrapolated(lambda x, sigma, cond: self._raw, cfg.lambdas or [])  # D-ODE (0 = base solver)
         self._step_index = 0
 
     @property
@@ -140,7 +140,7 @@ class SolverDistillScheduler(SchedulerMixin, ConfigMixin):
         if called:
             q = torch.tensor(cfg.queries[i], dtype=torch.float32, device=x.device)
             self._raw = denoised_from(model_output.to(torch.float32), x.to(torch.float32), q, cfg.prediction_type)
-            denoised = self.calls(x, None, None).to(x.dtype)
+            denoised = self.extrapolated(x, None, None).to(x.dtype)
         else:  # analytical first step: the pipeline's network output is not used
             denoised = afs_denoised(x, cfg.sigmas[0])
         x_next, _ = self.stepper.step(i, x, denoised, called)

@@ -41,13 +41,14 @@ class Exported:
     lambdas: list[float] = field(default_factory=list)
 
 
-def host(order_features: int = 64) -> Any:
-    """What `Method.load` reads of a model, for building an exported solver on the CPU in float64 (no network)."""
+def host() -> Any:
+    """What `Method.load` (and a DLMS rule's feature hook) reads of a model, for building an exported solver on the
+    CPU in float64 without a network. A global designer ignores the features, so zeros serve."""
     return SimpleNamespace(
         device=torch.device("cpu"),
         dtype=torch.float64,
         passes_per_call=1,
-        last_features=torch.zeros(1, order_features, dtype=torch.float64),
+        last_features=torch.zeros(1, 64, dtype=torch.float64),
     )
 
 
@@ -63,8 +64,8 @@ def dlms_table(art: artifacts.Artifact) -> Exported:
             "weights from that sample's denoiser output, but a diffusers pipeline asks the network at one timestep "
             f"per step for the whole batch, fixed before sampling; {GLOBAL_HINT}"
         )
-    student = dlms.load(art, host())
     model = host()
+    student = dlms.load(art, model)
     rule = dlms.Rule(student, model, torch.zeros(1, 1, dtype=torch.float64))
     table = Table.empty(student.steps, student.order)
     sigmas, queries = [rule.first_sigma()], []
