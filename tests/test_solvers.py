@@ -350,6 +350,11 @@ def test_protocol_after_the_name_is_the_protocol_argument(tiny64, noise):
         b = plan(name, 6, tiny64, afs=True, protocol="diff-sampler").solve(wide(tiny64), x0)
         assert torch.equal(a, b)
     assert all(p.protocol == "diff-sampler" for p in sweep(6, tiny64, protocol="diff-sampler").values())
+    assert solvers.with_protocol("dpm+++afs", "diff-sampler") == "dpm++@diff-sampler+afs"
+    assert solvers.with_protocol("deis:order=2", "diff-sampler") == "deis:order=2@diff-sampler"
+    for other in ("dlms", "out/x.npz", "nope"):
+        assert solvers.with_protocol(other, "diff-sampler") == other
+    assert solvers.with_protocol("unipc", "default") == "unipc"
 
 
 # --- tables --------------------------------------------------------------------------------------------------------

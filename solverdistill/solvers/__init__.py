@@ -203,6 +203,20 @@ def split_protocol(name: str) -> tuple[str, str | None]:
     return base, None
 
 
+def with_protocol(name: str, protocol: str) -> str:
+    """`NAME@PROTOCOL` for a handcrafted solver name (a trailing `+afs` kept last); an artifact path, a student
+    method or any other name comes back as it is. How `--protocol` reaches the names `sample` and `compare` take."""
+    protocol_rules(protocol)
+    if protocol == "default":
+        return name
+    base, afs = (name[:-4], "+afs") if name.endswith("+afs") else (name, "")
+    try:
+        get(base)
+    except BadInput:
+        return name
+    return f"{split_protocol(base)[0]}@{protocol}{afs}"
+
+
 def split_options(name: str) -> tuple[str, dict]:
     """`deis:order=2` -> ("deis", {"order": 2}): a solver name with table options after colons (numbers, or
     true/false), and any `@protocol` left off."""
