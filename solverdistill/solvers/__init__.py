@@ -361,4 +361,5 @@ __all__ = [
     "plan",
     "register",
     "sweep",
+    "with_protocol",
 ]
