@@ -140,6 +140,27 @@ def test_scheduler_reproduces_sample_in_ddpm_pipeline(kind, ddpm_dir, tmp_path, 
     assert rel(got, want) < 1e-4, rel(got, want)
 
 
+def test_a_distilled_global_dlms_exports_end_to_end(ddpm_dir, tmp_path, cli, recipe_file):
+    """teacher -> distill (designer: global) -> export -> DDPMPipeline, as a user runs it."""
+    spec = f"diffusers:{ddpm_dir}"
+    recipe = recipe_file(
+        tmp_path / "r.yaml",
+        model=spec,
+        teacher={"steps": 8, "num_samples": 12, "batch": 6, "shard_size": 6, "cache": str(tmp_path / "cache")},
+        student={"method": "dlms", "nfe": 3, "designer": "global"},
+        train={"iterations": 4, "batch": 4, "validation": 2, "heldout": 4, "eval_every": 2},
+        output=tmp_path / "dlms.npz",
+    )
+    for args in (["teacher", recipe, "--quiet"], ["distill", recipe, "--quiet"]):
+        r = cli(*args)
+        assert r.exit_code == 0, r.output
+    art = tmp_path / "dlms.npz"
+    want, z = ours(cli, art, spec, tmp_path / "s")
+    model = resolve(spec)
+    got = pixel_run(model.net, exported(cli, art, tmp_path), z)
+    assert rel(got, want) < 1e-4, rel(got, want)
+
+
 @pytest.mark.parametrize("kind", ["dlms", "dode"])
 def test_scheduler_reproduces_sample_in_a_latent_pipeline(kind, tmp_path, cli, ddpm_scheduler):
     """LDMPipeline (a UNet2DModel over VQ latents): it scales its noise by init_noise_sigma and calls
