@@ -30,12 +30,18 @@ lint: install
 test: install
 	$(PYTHON) -m pytest -q -n 2 $(PYTEST_ARGS)
 
-# The quick start: teacher trajectories -> DLMS at NFE 5 -> samples with it (a few minutes on 2 CPU cores).
+# The quick start: teacher trajectories -> DLMS at NFE 5 -> samples with it (about a minute on 2 CPU cores;
+# a 128 MB cache in cache/quickstart_small; README "Quick start" has the measured figures).
+# One thread: the demo's tensors are small, and on a busy machine two threads that wait for each other ran 5x
+# slower (20 DLMS iterations: 141 s with two threads, 28 s with one, while other jobs used the cores).
+DEMO_THREADS ?= 1
 demo: install
-	$(PYTHON) -m solverdistill teacher recipes/quickstart.yaml
-	$(PYTHON) -m solverdistill distill recipes/quickstart.yaml
-	$(PYTHON) -m solverdistill sample --solver out/quickstart_dlms_nfe5.npz --num 64 --seed 1000000 --out out/demo
-	@echo "sample grid: out/demo/grid.png"
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PYTHON) -m solverdistill teacher recipes/quickstart.yaml
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PYTHON) -m solverdistill distill recipes/quickstart.yaml
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PYTHON) -m solverdistill sample --solver out/quickstart_dlms_nfe5.npz \
+		--num 64 --seed 1000000 --out out/demo
+	@echo "out/demo/grid.png: 64 samples of gmm:cifar by the distilled DLMS solver at NFE 5 (seeds 1000000..1000063)"
+	@echo "next: sdistill compare --recipe recipes/quickstart.yaml --solvers euler+afs,dpm++,ipndm,out/quickstart_dlms_nfe5.npz --nfe 5,8,10,15"
 
 bench: install
 	$(PYTHON) -m solverdistill bench

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,9 +66,9 @@ def label_rows(grid: np.ndarray, labels: Sequence[str], width: int = 150) -> np.
 
 
 def caption(grid: np.ndarray, text: str) -> np.ndarray:
-    """A grid with a line (or two) of text above it: what the picture shows."""
+    """A grid with a few lines of text above it (wrapped at spaces): what the picture shows."""
     chars = max(grid.shape[1] // 6, 10)  # the bitmap font is 6 pixels a character
-    lines = [text[i : i + chars] for i in range(0, len(text), chars)][:3]
+    lines = textwrap.wrap(text, chars)[:4]
     return np.concatenate([_text_strip(lines, grid.shape[1], 4 + 11 * len(lines), _channels(grid)), grid], axis=0)
 
 

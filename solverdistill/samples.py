@@ -178,9 +178,10 @@ def picture_title(meta: dict, num: int, seed: int) -> str:
     """What a sample picture shows: which samples, of which model, by which solver at which NFE."""
     shown_n = min(num, 64)  # save_pictures draws at most 64 images
     which = f"{shown_n} samples" if shown_n == num else f"the first {shown_n} of {num} samples"
+    artifact = f" ({Path(meta['artifact']).name})" if meta.get("artifact") else ""
     return (
-        f"{which} (seeds {seed}..{seed + shown_n - 1}) of {meta['model']}, solver {meta['solver']}"
-        f"{' (artifact ' + Path(meta['artifact']).name + ')' if meta.get('artifact') else ''}, NFE {meta['nfe']}"
+        f"{which}, seeds {seed}..{seed + shown_n - 1}; model {meta['model']}; solver {meta['solver']}{artifact} "
+        f"at NFE {meta['nfe']}"
     )
 
 
