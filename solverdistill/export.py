@@ -228,6 +228,7 @@ def run_export(
         write_json(dest, {"format": "sdistill-diffusers-sigmas", "sigmas": sigmas, "convention": convention})
         return (
             f"{art.method} grid, {n} steps -> {dest}\n{convention}\nLeft out: {left_out}.\nUse it:\n"
+            "    import json\n"
             "    from diffusers import EulerDiscreteScheduler\n"
             "    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, "
             'timestep_spacing="linspace")\n'
