@@ -162,13 +162,14 @@ def handcrafted_curve(
     target: float,
     top: int = 3,
     upto: int = 4,
+    progress: Callable[..., Any] | None = None,
 ) -> dict[int, float]:
     """The best handcrafted held-out RMSE by NFE, from `nfe` (`base`: every solver there) upwards until it reaches
     `target` (the student's error) or `upto` times `nfe`. Above `nfe` only the `top` best solvers at `nfe` are
     run: the ranking rarely changes, and a real model pays for every call."""
     curve = {nfe: min(base.values())}
     leaders = sorted(base, key=base.get)[:top]
-    for m in sorted(set(range(nfe + 1, 2 * nfe + 1)) | {k * nfe for k in range(3, upto + 1)}):
+    for m in curve_nfes(nfe, upto):
         if curve[max(curve)] <= target:
             break
         values = []
@@ -180,7 +181,14 @@ def handcrafted_curve(
             values.append(heldout_rmse(p, model, cache, held))
         if values:
             curve[m] = min(values)
+        if progress:
+            progress(1, info=f"NFE {m}")
     return curve
+
+
+def curve_nfes(nfe: int, upto: int = 4) -> list[int]:
+    """The NFEs above `nfe` at which `handcrafted_curve` looks: nfe+1 .. 2 nfe, then 3 nfe .. `upto` nfe."""
+    return sorted(set(range(nfe + 1, 2 * nfe + 1)) | {k * nfe for k in range(3, upto + 1)})
 
 
 @dataclass
@@ -221,11 +229,21 @@ def distill(
     _, held = cache.split(t_cfg.samples, t_cfg.heldout)
     with progress_factory(method.work(s_cfg, t_cfg), f"distill {method.name}") as bar:
         artifact = method.fit(cache, model, s_cfg, t_cfg, progress=bar)
-    student_rmse = heldout_rmse(method.load(artifact, model), model, cache, held)
-    initial = heldout_rmse(method.load(method.untrained(artifact), model), model, cache, held)
-    base = {name: heldout_rmse(p, model, cache, held) for name, p in sweep(s_cfg.nfe, model).items()}
+    plans = sweep(s_cfg.nfe, model)
+    # On a real network the evaluation is minutes of its own: every handcrafted solver on the held-out seeds.
+    with progress_factory(2 + len(plans), f"held-out evaluation ({len(held)} trajectories)") as bar:
+        student_rmse = heldout_rmse(method.load(artifact, model), model, cache, held)
+        bar(1, info="student")
+        initial = heldout_rmse(method.load(method.untrained(artifact), model), model, cache, held)
+        bar(1, info="initial rule")
+        base = {}
+        for name, p in plans.items():
+            base[name] = heldout_rmse(p, model, cache, held)
+            bar(1, info=name)
     best = min(base, key=base.get)
-    curve = handcrafted_curve(s_cfg.nfe, base, model, cache, held, student_rmse)
+    larger = curve_nfes(s_cfg.nfe)
+    with progress_factory(len(larger), "acceleration: the best handcrafted solvers at larger NFEs") as bar:
+        curve = handcrafted_curve(s_cfg.nfe, base, model, cache, held, student_rmse, progress=bar)
     ratio = acceleration_ratio(student_rmse, s_cfg.nfe, curve)
     artifact.meta["teacher"] = {k: v for k, v in cache.spec.items() if k != "grid"} | {"steps": cache.steps}
     artifact.meta["metrics"] = {

@@ -29,7 +29,7 @@ def parse_list(text: str, flag: str, cast=str) -> list:
 
 def command(
     solvers_: str = typer.Option(
-        "ddim,dpm++,dlms",
+        "ddim,dpm++,ipndm",
         "--solvers",
         help="Comma-separated: handcrafted names (+afs), artifact paths, or student methods (dlms, dode, sfd, "
         "plugins; found in --artifacts, or distilled from --recipe's teacher cache).",
@@ -56,11 +56,12 @@ def command(
     inception: Optional[str] = typer.Option(None, "--inception", help="Inception weights for --metric fid."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
-    """Compare solvers across NFEs on the same seeds: table, acceleration ratios, JSON/CSV rows, plot and image
-    grid. Needs one of --recipe (reference: its teacher cache; missing students are distilled from it) or
-    --model (reference: an RK4 solve).
+    """Compare solvers across NFEs on the same seeds (needs --recipe or --model): tables, acceleration ratios, plots.
 
-    Example: sdistill compare --model gmm:cifar --solvers ddim,dpm++,ipndm --nfe 3,5,8"""
+    The reference endpoints are --recipe's teacher cache (students missing from --artifacts are distilled from it) or an RK4 solve of --model.
+
+    Example: sdistill compare --model gmm:cifar --solvers ddim,dpm++,ipndm,solvers/gmm_cifar_dlms_nfe5.npz --nfe 3,5,8
+    """
     from ..comparison import Comparison, run_compare
     from ..npzfiles import check_output
     from ..recipes import load_recipe
