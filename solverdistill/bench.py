@@ -27,7 +27,7 @@ import torch
 from . import __version__, artifacts, students
 from .evaluation import acceleration_ratio, heldout_rmse
 from .generate import generate, initial_noise
-from .pipeline import Say, open_workspace
+from .pipeline import ProgressFactory, Say, no_progress, open_workspace
 from .solvers import SOLVERS, plan, sweep
 
 if TYPE_CHECKING:
@@ -139,13 +139,14 @@ def run_bench(
     inception: str | None = None,
     quick: bool = False,
     say: Say = print,
+    progress_factory: ProgressFactory = no_progress,
 ) -> dict:
     """Measure everything in the module docstring; returns the report (see `render`)."""
     from .recipes import load_recipe
 
     device = device or torch.device("cpu")
     recipe = load_recipe(recipe_path)
-    ws = open_workspace(recipe, str(device), say)
+    ws = open_workspace(recipe, str(device), say, progress_factory)
     model, cache = ws.model, ws.cache
     held = np.arange(cache.num_samples - min(num, cache.num_samples // 2), cache.num_samples)
     report = {
@@ -165,10 +166,12 @@ def run_bench(
     for name in SOLVERS:
         for afs in (False, True):
             quality[f"{name}{'+afs' if afs else ''}"] = {}
-    for nfe in nfes:
-        for key, p in sweep(nfe, model).items():
-            quality[key][nfe] = heldout_rmse(p, model, cache, held)
-            curve[nfe] = min(curve.get(nfe, np.inf), quality[key][nfe])
+    with progress_factory(len(nfes), f"quality: every handcrafted solver, {len(held)} held-out seeds") as bar:
+        for nfe in nfes:
+            for key, p in sweep(nfe, model).items():
+                quality[key][nfe] = heldout_rmse(p, model, cache, held)
+                curve[nfe] = min(curve.get(nfe, np.inf), quality[key][nfe])
+            bar(1, info=f"NFE {nfe}")
     arts = {str(path): art for path, art in artifacts.scan((Path("solvers"), Path("out")), model.fingerprint).items()}
     students_rows = []
     for path, art in arts.items():

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .console import out, say
+from .console import out, progress, say
 
 
 def command(
@@ -17,12 +17,17 @@ def command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (larger batches on CUDA)."),
     inception: Optional[str] = typer.Option(None, "--inception", help="Inception weights for the FID throughput."),
     quick: bool = typer.Option(False, "--quick", help="Fewer NFEs and repeats."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
     """The reference benchmark: quality, acceleration, distillation cost, overheads; writes out/bench/report.*."""
     from ..bench import render, run_bench, write_report
     from ..devices import resolve_device
+    from ..npzfiles import check_output
 
-    report = run_bench(str(recipe), num, resolve_device(device), inception, quick, say=say)
+    check_output(out_dir / "report.md", "--out")  # before minutes of measuring
+    report = run_bench(
+        str(recipe), num, resolve_device(device), inception, quick, say=say, progress_factory=progress(quiet)
+    )
     md, js = write_report(report, out_dir)
     print(render(report))
     out.print(f"wrote {md} and {js}", highlight=False, markup=False)
