@@ -61,17 +61,20 @@ class Bar:
             console=self.console,
             transient=False,
         )
+        # The first frame already shows the first tick's work: no empty 0/N frame.
+        self._task = self._progress.add_task(self.label, total=self.total, completed=self.done, info=self.info)
         self._progress.start()
-        self._task = self._progress.add_task(self.label, total=self.total, info="")
 
     def __call__(self, n: float = 1, info: str | None = None) -> None:
         if self.disabled:
             return
-        if self._progress is None and not self._plain:
-            self._start()
         self.done += n
         if info is not None:
             self.info = info
+        if self._progress is None and not self._plain:
+            self._start()
+            if self._progress is not None:
+                return
         if self._progress is not None:
             self._progress.update(self._task, advance=n, **({"info": info} if info is not None else {}))
         elif time.monotonic() - self._last >= plain_every():

@@ -232,3 +232,16 @@ def test_help_says_what_the_commands_take(cli):
     assert "sfd" in r.output
     r = cli("models")
     assert "Stable Diffusion" in r.output and "convert ldm" in r.output
+
+
+def test_terminal_bar_starts_at_the_first_tick_and_ends_at_the_real_total():
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    with Bar(10, "work", console=Console(file=buf, force_terminal=True, width=100)) as bar:
+        bar(3)
+        bar(1, info="x")
+    text = buf.getvalue()
+    assert "0/10" not in text and "3/10" in text and "4/4" in text
