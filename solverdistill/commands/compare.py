@@ -96,8 +96,11 @@ def command(
         )
     except BaseException:
         if comp.rows:  # keep what was measured before the failure: print it and write the files asked for
-            report(comp, metrics, names, nfes, outputs, began)
-            say(f"kept the {len(comp.rows)} results measured before the failure (above)")
+            try:
+                report(comp, metrics, names, nfes, outputs, began)
+                say(f"kept the {len(comp.rows)} results measured before the failure (above)")
+            except Exception as e:  # the failure being reported matters more
+                say(f"could not keep the {len(comp.rows)} results measured before the failure: {e}")
         raise
     report(comp, metrics, names, nfes, outputs, began)
 
