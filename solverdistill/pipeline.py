@@ -20,7 +20,7 @@ from .models import resolve
 from .npzfiles import check_output
 from .recipes import Recipe, outside_note, path_notes, shown
 from .solvers import get as get_solver
-from .solvers import plan, sweep
+from .solvers import sweep
 from .teacher import TeacherCache
 from .teacher.run import prepare_teacher
 
@@ -160,27 +160,16 @@ def handcrafted_curve(
     cache: TeacherCache,
     held: Any,
     target: float,
-    top: int = 3,
     upto: int = 4,
     progress: Callable[..., Any] | None = None,
 ) -> dict[int, float]:
-    """The best handcrafted held-out RMSE by NFE, from `nfe` (`base`: every solver there) upwards until it reaches
-    `target` (the student's error) or `upto` times `nfe`. Above `nfe` only the `top` best solvers at `nfe` are
-    run: the ranking rarely changes, and a real model pays for every call."""
+    """The best handcrafted held-out RMSE by NFE (every handcrafted solver, with and without AFS), from `nfe`
+    (`base`: their errors there) upwards until it reaches `target` (the student's error) or `upto` times `nfe`."""
     curve = {nfe: min(base.values())}
-    leaders = sorted(base, key=base.get)[:top]
     for m in curve_nfes(nfe, upto):
         if curve[max(curve)] <= target:
             break
-        values = []
-        for name in leaders:
-            try:
-                p = plan(name.removesuffix("+afs"), m, model, afs=name.endswith("+afs"))
-            except BadInput:
-                continue  # e.g. heun at an odd NFE
-            values.append(heldout_rmse(p, model, cache, held))
-        if values:
-            curve[m] = min(values)
+        curve[m] = min(heldout_rmse(p, model, cache, held) for p in sweep(m, model).values())
         if progress:
             progress(1, info=f"NFE {m}")
     return curve
@@ -242,7 +231,7 @@ def distill(
             bar(1, info=name)
     best = min(base, key=base.get)
     larger = curve_nfes(s_cfg.nfe)
-    with progress_factory(len(larger), "acceleration: the best handcrafted solvers at larger NFEs") as bar:
+    with progress_factory(len(larger), "acceleration: every handcrafted solver at larger NFEs") as bar:
         curve = handcrafted_curve(s_cfg.nfe, base, model, cache, held, student_rmse, progress=bar)
     ratio = acceleration_ratio(student_rmse, s_cfg.nfe, curve)
     artifact.meta["teacher"] = {k: v for k, v in cache.spec.items() if k != "grid"} | {"steps": cache.steps}
