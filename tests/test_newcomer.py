@@ -9,6 +9,7 @@ import pytest
 
 from solverdistill import artifacts
 from solverdistill.commands.console import err
+from solverdistill.fid import INCEPTION_URL
 from solverdistill.progress import Bar
 from solverdistill.solvers import plan
 
@@ -81,6 +82,7 @@ def test_compare_checks_artifacts_metrics_and_outputs_before_any_call(tmp_path, 
     monkeypatch.setenv("HOME", str(tmp_path))
     r = compare(cli, tmp_path, "--solvers", "euler", "--nfe", "3", "--metric", "rmse,fid")
     assert r.exit_code == 2 and "--inception" in r.output and "inception-2015-12-05.pt" in r.output
+    assert INCEPTION_URL in r.output and len(r.output.strip().splitlines()) == 1  # one line: the URL is whole
     (tmp_path / "file").write_text("x")
     for flag in ("--json", "--csv", "--plot", "--grid"):
         r = compare(cli, tmp_path, "--solvers", "euler", "--nfe", "3", flag, tmp_path / "file" / "x")
