@@ -37,7 +37,7 @@ def command(
         say(note)
     # The one command whose job is the cache: it also checks every finished shard's checksums (readers check
     # only what they map), so a damaged shard is regenerated here rather than found by a later distill.
-    with prepare_teacher(r, overwrite=overwrite, verify=True) as job:
+    with prepare_teacher(r, overwrite=overwrite, verify=True, progress_factory=progress(quiet)) as job:
         label = f"teacher ({job.missing} of {r.teacher.num_samples} left)"
         with progress(quiet)(job.missing, label) as bar:
             rep = job.run(progress=bar)

@@ -234,7 +234,11 @@ def _clear_cache(root: Path) -> None:
 
 
 def prepare_teacher(
-    recipe: Recipe, model: Denoiser | None = None, overwrite: bool = False, verify: bool = False
+    recipe: Recipe,
+    model: Denoiser | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    progress_factory: Callable[[int, str], Any] | None = None,
 ) -> TeacherJob:
     """Open (or create) the recipe's cache and plan the shards left to write. `model`: the recipe's model
     already resolved by the caller (else resolved here on teacher.device in teacher.compute_dtype). `verify`:
@@ -243,7 +247,8 @@ def prepare_teacher(
     The cache's writer lock is taken before anything in the folder changes and kept by the job while it has
     something to write. Another live writer (or a folder that cannot be written) makes this BadInput naming the
     lock and its owner (or the folder and the reason), unless nothing is left to write: then the job only reads,
-    which is safe while another run adds shards."""
+    which is safe while another run adds shards. `progress_factory(total, label)`: progress while finished shards
+    are checked."""
     t = recipe.teacher
     root = recipe.cache_dir()
     make_cache_folder(root)
@@ -290,9 +295,16 @@ def prepare_teacher(
                     shutil.rmtree(leftover)
         except OSError as e:
             raise BadInput(f"{shown(e.filename or root)}: cannot write the teacher cache: {reason(e)}") from None
-        for shard in manifest["shards"]:
-            if shard["status"] == "ok" and shard_problem(root, shard, spec, checksums=verify):
-                shard["status"] = "bad"
+        finished = [shard for shard in manifest["shards"] if shard["status"] == "ok"]
+        # Checksums of a large cache take minutes of reading: shown as progress (`progress_factory(total, label)`).
+        what = "checking the finished shards" + (" (CRC-32 of every file)" if verify else "")
+        with (progress_factory or (lambda n, label: contextlib.nullcontext(lambda k=1: None)))(
+            len(finished), what
+        ) as bar:
+            for shard in finished:
+                if shard_problem(root, shard, spec, checksums=verify):
+                    shard["status"] = "bad"
+                bar(1)
         todo = plan_shards(manifest, t.num_samples, t.shard_size)
         if held is not None and todo:
             raise held
