@@ -24,6 +24,7 @@ from .pipeline import (
     ProgressFactory,
     Say,
     Workspace,
+    check_split,
     distill,
     method_configs,
     no_progress,
@@ -196,12 +197,14 @@ class Resolver:
                 f"--solvers: no artifact for model {self.model.spec} in {', '.join(map(str, self.folders))}: "
                 f"{wanted}"
                 + (f" (found: {', '.join(have)})" if have else "")
-                + f". Distill them on the way with --recipe RECIPE (e.g. --recipe recipes/quickstart.yaml for "
-                f"gmm:cifar), or make one first: sdistill distill RECIPE --method {method} --nfe {nfe} "
+                + ". Distill them on the way with --recipe RECIPE"
+                + (" (recipes/quickstart.yaml is one for gmm:cifar)" if self.model.spec == "gmm:cifar" else "")
+                + f", or make one first: sdistill distill RECIPE --method {method} --nfe {nfe} "
                 f"--out {self.folders[0] / f'{method}_nfe{nfe}.npz'}; or drop them from --solvers or --nfe"
             )
-        for c in missing:
-            method_configs(self.recipe, c.method, c.nfe, say=lambda m: None)  # the settings, validated now
+        for c in missing:  # the settings, their split of the teacher's samples and the output, checked now
+            _, _, train = method_configs(self.recipe, c.method, c.nfe, say=lambda m: None)
+            check_split(self.recipe, train)
             check_output(c.path, "--artifacts")
         self.say(
             f"no artifact in {', '.join(map(str, self.folders))} for {wanted}: distilling "

@@ -79,7 +79,9 @@ def test_resolver(tmp_path, tiny64):
     assert resolver("dode", 3).nfe == 3  # found by method and NFE in the folders
     with pytest.raises(BadInput, match=r"no artifact for model gmm:tiny in .*: dode at NFE 4 \(found: dode NFE 3 "):
         resolver("dode", 4)
-    with pytest.raises(BadInput, match=r"with --recipe RECIPE .* sdistill distill RECIPE --method dode --nfe 4"):
+    with pytest.raises(
+        BadInput, match=r"with --recipe RECIPE, or make one first: sdistill distill RECIPE --method dode --nfe 4"
+    ):
         resolver("dode", 4)
 
 
