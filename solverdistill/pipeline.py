@@ -218,23 +218,28 @@ def distill(
     _, held = cache.split(t_cfg.samples, t_cfg.heldout)
     with progress_factory(method.work(s_cfg, t_cfg), f"distill {method.name}") as bar:
         artifact = method.fit(cache, model, s_cfg, t_cfg, progress=bar)
-    plans = sweep(s_cfg.nfe, model)
-    # On a real network the evaluation is minutes of its own: every handcrafted solver on the held-out seeds.
-    with progress_factory(2 + len(plans), f"held-out evaluation ({len(held)} trajectories)") as bar:
-        student_rmse = heldout_rmse(method.load(artifact, model), model, cache, held)
-        bar(1, info="student")
-        initial = heldout_rmse(method.load(method.untrained(artifact), model), model, cache, held)
-        bar(1, info="initial rule")
-        base = {}
-        for name, p in plans.items():
-            base[name] = heldout_rmse(p, model, cache, held)
-            bar(1, info=name)
-    best = min(base, key=base.get)
-    larger = curve_nfes(s_cfg.nfe)
-    with progress_factory(len(larger), "acceleration: every handcrafted solver at larger NFEs") as bar:
-        curve = handcrafted_curve(s_cfg.nfe, base, model, cache, held, student_rmse, progress=bar)
-    ratio = acceleration_ratio(student_rmse, s_cfg.nfe, curve)
     artifact.meta["teacher"] = {k: v for k, v in cache.spec.items() if k != "grid"} | {"steps": cache.steps}
+    try:
+        plans = sweep(s_cfg.nfe, model)
+        # On a real network the evaluation is minutes of its own: every handcrafted solver on the held-out seeds.
+        with progress_factory(2 + len(plans), f"held-out evaluation ({len(held)} trajectories)") as bar:
+            student_rmse = heldout_rmse(method.load(artifact, model), model, cache, held)
+            bar(1, info="student")
+            initial = heldout_rmse(method.load(method.untrained(artifact), model), model, cache, held)
+            bar(1, info="initial rule")
+            base = {}
+            for name, p in plans.items():
+                base[name] = heldout_rmse(p, model, cache, held)
+                bar(1, info=name)
+        best = min(base, key=base.get)
+        larger = curve_nfes(s_cfg.nfe)
+        with progress_factory(len(larger), "acceleration: every handcrafted solver at larger NFEs") as bar:
+            curve = handcrafted_curve(s_cfg.nfe, base, model, cache, held, student_rmse, progress=bar)
+        ratio = acceleration_ratio(student_rmse, s_cfg.nfe, curve)
+    except BaseException:  # Ctrl-C or a failure while measuring: the fitted student is kept
+        path = artifacts.save(artifact, path)
+        say(f"the held-out evaluation did not finish; the fitted student is saved without its metrics: {path}")
+        raise
     artifact.meta["metrics"] = {
         "heldout_rmse": student_rmse,
         "initial_rmse": initial,

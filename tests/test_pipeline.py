@@ -122,3 +122,31 @@ def test_distill_says_where_an_output_outside_lands(recipe, tmp_path, monkeypatc
         f"note: output '../elsewhere/a.npz' resolves to {tmp_path / 'elsewhere' / 'a.npz'}, outside the recipe's "
         "folder and the current directory"
     ]
+
+
+def test_distill_acceleration_and_a_fit_kept_when_evaluation_fails(recipe, monkeypatch):
+    from solverdistill import evaluation, pipeline
+    from solverdistill.errors import RunFailed
+
+    ws = open_workspace(recipe, "cpu", say=lambda m: None)
+    rep = distill(recipe, workspace=ws, say=lambda m: None)
+    m = rep.metrics
+    curve = {int(k): v for k, v in m["best_handcrafted_by_nfe"].items()}
+    assert curve[3] == m["best_handcrafted_rmse"] and min(curve) == 3
+    want = evaluation.acceleration_ratio(m["heldout_rmse"], 3, curve)
+    assert m["acceleration"] == (None if want == float("inf") else pytest.approx(want))
+    rep.path.unlink()
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after the student and its initial rule, while measuring the handcrafted solvers
+            raise RunFailed("broken while measuring")
+        return heldout_rmse(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "heldout_rmse", failing)
+    said = []
+    with pytest.raises(RunFailed):
+        distill(recipe, workspace=ws, say=said.append)
+    art = artifacts.load(recipe.output)  # the fitted student is kept, without metrics
+    assert "metrics" not in art.meta and "saved without its metrics" in said[-1]
