@@ -14,7 +14,7 @@ from . import __version__, artifacts, students
 from .devices import resolve_device, resolve_dtype
 from .errors import BadInput
 from .generate import generate, nfe_notes
-from .images import save_pictures
+from .images import is_image, save_pictures
 from .models import Denoiser, resolve
 from .npzfiles import ensure_dir, write_npz
 from .solvers import plan
@@ -164,7 +164,12 @@ def run_sample(
         refuse_non_finite(torch.from_numpy(shown_x), solver, den.spec, num, "decoded images")
     write_npz(out / "samples.npz", meta, **arrays)
     try:
-        pictures = save_pictures(shown_x, out, png_each=png, title=picture_title(meta, num, seed))
+        pictures = save_pictures(
+            shown_x,
+            out,
+            png_each=png,
+            title=picture_title(meta, num, seed, min(num, 64) if is_image(shown_x.shape[1:]) else num),
+        )
     except OSError as e:  # samples.npz is written; only the pictures are missing
         raise BadInput(f"{out}: wrote samples.npz but cannot write its pictures: {e.strerror or e}") from None
     shown = ", ".join(str(pth) for pth in [out / "samples.npz", *pictures])
@@ -174,9 +179,9 @@ def run_sample(
     )
 
 
-def picture_title(meta: dict, num: int, seed: int) -> str:
-    """What a sample picture shows: which samples, of which model, by which solver at which NFE."""
-    shown_n = min(num, 64)  # save_pictures draws at most 64 images
+def picture_title(meta: dict, num: int, seed: int, shown_n: int) -> str:
+    """What a sample picture shows: which samples (the first `shown_n`), of which model, by which solver at which
+    NFE."""
     which = f"{shown_n} samples" if shown_n == num else f"the first {shown_n} of {num} samples"
     artifact = f" ({Path(meta['artifact']).name})" if meta.get("artifact") else ""
     return (

@@ -247,3 +247,23 @@ def test_terminal_bar_starts_at_the_first_tick_and_ends_at_the_real_total():
         bar(1, info="x")
     text = buf.getvalue()
     assert "0/10" not in text and "3/10" in text and "4/4" in text
+
+
+def test_pictures_say_what_they_show(tmp_path, cli):
+    from PIL import Image
+
+    from solverdistill.images import caption, label_rows
+    from solverdistill.samples import picture_title
+
+    meta = {"model": "gmm:cifar", "solver": "dlms", "nfe": 5, "artifact": "out/q_dlms_nfe5.npz"}
+    assert picture_title(meta, 500, 7, 64).startswith("the first 64 of 500 samples, seeds 7..70; model gmm:cifar")
+    assert picture_title(meta, 500, 7, 500).startswith("500 samples, seeds 7..506;")
+    assert "solver dlms (q_dlms_nfe5.npz) at NFE 5" in picture_title(meta, 64, 0, 64)
+    grid = np.zeros((64, 256, 3), dtype=np.uint8)
+    assert caption(grid, "a few words").shape == (64 + 15, 256, 3) and caption(grid, "a few words")[:15].any()
+    labelled = label_rows(grid, ["reference", "euler, NFE 5"])
+    assert labelled.shape == (64, 256 + 150, 3) and labelled[:32, :150].any() and labelled[32:, :150].any()
+    r = cli("sample", "--model", "gmm:shape=1x8x8,components=2,rank=2", "--num", 4, "--out", tmp_path / "o", "--quiet")
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "o" / "grid.png") as im:
+        assert im.size[1] > 2 * 8  # a 2x2 grid of 8x8 images under its caption
