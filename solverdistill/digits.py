@@ -253,11 +253,62 @@ def build(out: Path = DATA, seed: int = 0) -> dict:
     }
 
 
+# --- the demo: a sample set next to every handcrafted solver at its NFE ---------------------------------------
+
+
+@dataclass
+class DemoRow:
+    solver: str
+    fd: float
+    report: ClassReport
+
+
+def against_handcrafted(
+    samples: Path, ref: str = "digits:heldout", batch: int = 256
+) -> tuple[DemoRow, list[DemoRow], int]:
+    """FD (digit features) of a samples.npz of toy:unet-digits, and of every handcrafted solver (with and without
+    AFS) at the same NFE from the same seeds, best first; and that NFE."""
+    from .fid import digits_fd
+    from .generate import generate
+    from .models import resolve
+    from .npzfiles import read_npz
+    from .solvers import sweep
+
+    arrays, meta = read_npz(samples, "samples file")
+    spec = str(meta.get("model", ""))
+    if spec.partition("?")[0] != "toy:unet-digits" or "seeds" not in arrays or "nfe" not in meta:
+        raise BadInput(f"{samples}: expected samples of toy:unet-digits written by `sdistill sample`")
+    model = resolve(spec)
+    seeds = [int(s) for s in arrays["seeds"]]
+    res = digits_fd(arrays["x"], ref, batch)
+    mine = DemoRow(str(meta.get("solver", "?")), res.distance, res.classes)
+    rows = []
+    for name, plan in sweep(int(meta["nfe"]), model).items():
+        r = digits_fd(generate(model, plan, seeds, batch=batch).x, ref, batch)
+        rows.append(DemoRow(name, r.distance, r.classes))
+    return mine, sorted(rows, key=lambda r: r.fd), int(meta["nfe"])
+
+
+def demo_summary(samples: Path) -> str:
+    mine, rows, nfe = against_handcrafted(samples)
+    best = rows[0]
+    return "\n".join(
+        [
+            f"FD against the held-out digits (digit-classifier features, {mine.report.samples} samples, NFE {nfe}):",
+            f"  {mine.solver:>12}: {mine.fd:8.2f}   {mine.report.line()}",
+            f"  {best.solver:>12}: {best.fd:8.2f}   (best handcrafted solver at the same NFE) {best.report.line()}",
+            "  others: " + ", ".join(f"{r.solver} {r.fd:.1f}" for r in rows[1:]),
+        ]
+    )
+
+
 if __name__ == "__main__":
     import json
     import sys
 
     if len(sys.argv) >= 2 and sys.argv[1] == "build":
         print(json.dumps(build(), indent=1))
+    elif len(sys.argv) == 3 and sys.argv[1] == "demo":
+        print(demo_summary(Path(sys.argv[2])))
     else:
-        print(f"usage: {REBUILD}")
+        print(f"usage: {REBUILD} | python -m solverdistill.digits demo SAMPLES.npz")

@@ -1,5 +1,6 @@
 """Frechet distances (docs/evaluation.md): streaming float64 feature statistics, the distance itself, and
-the features: raw pixels, or Inception-v3 pool features through the TorchScript network the papers use.
+the features: raw pixels, Inception-v3 pool features through the TorchScript network the papers use, or the
+shipped digit classifier's penultimate layer for 16x16 handwritten digits (docs/digits.md).
 
 The Inception weights are never downloaded: `inception-2015-12-05.pt` (published by NVIDIA with the
 StyleGAN2-ADA metrics; clean-fid's `InceptionV3W` wraps the same file) is read from `--inception PATH`,
@@ -14,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from numpy.typing import ArrayLike
 
 from .errors import BadInput
 from .images import to_uint8_nchw
+
+if TYPE_CHECKING:
+    from .digits import ClassReport
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
@@ -277,7 +281,9 @@ def stats_dir() -> Path:
 
 # --- the `fid` job: samples against a reference ----------------------------------------------------------------
 
-FEATURES = ("inception", "pixels")
+FEATURES = ("inception", "pixels", "digits")
+DIGIT_REFS = ("digits:train", "digits:heldout")  # the shipped statistics of the digit features
+DIGIT_MODELS = ("toy:unet-digits",)  # samples of these models are measured with digit features by default
 
 
 @dataclass
@@ -287,6 +293,83 @@ class FIDResult:
     features: str
     mode: str
     reference: str
+    classes: ClassReport | None = None  # digit features: what the classifier reads in the samples
+
+
+def iter_float_images(source: str, batch: int) -> Iterator[torch.Tensor]:
+    """Float [B, C, H, W] images in [-1, 1]: a samples.npz's values as they are (no quantisation), a folder's
+    images mapped from 0..255."""
+    p = Path(source)
+    if p.is_file() and p.suffix == ".npz":
+        from .npzfiles import read_npz
+
+        arrays, _ = read_npz(p, "samples file")
+        x = arrays.get("images", arrays.get("x"))
+        if x is None or x.ndim != 4:
+            raise BadInput(f"{p}: expected an array 'x' (or 'images') of shape [N, C, H, W]")
+        for b in range(0, len(x), batch):
+            yield torch.from_numpy(np.asarray(x[b : b + batch], dtype=np.float32))
+        return
+    for u8 in iter_images(source, batch):
+        yield u8.to(torch.float32) / 127.5 - 1
+
+
+def digit_stats(
+    batches: Iterable[torch.Tensor], progress: Callable[..., Any] | None = None
+) -> tuple[FeatureStats, ClassReport]:
+    """Digit-classifier features of [-1, 1] images, and the classifier's report on them."""
+    from .digits import class_report, classify, load_classifier
+
+    stats, probs = FeatureStats(), []
+    for f, p in classify(load_classifier(), batches):
+        stats.update(f)
+        probs.append(p)
+        if progress:
+            progress(f.shape[0])
+    if not probs:
+        raise BadInput("--features digits: no images to measure")
+    return stats, class_report(torch.cat(probs))
+
+
+def digit_reference(ref: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """`digits:train` or `digits:heldout`: the shipped statistics of the digit features."""
+    from .digits import REBUILD, STATS
+
+    path = STATS[ref.partition(":")[2]]
+    if not path.is_file():
+        raise BadInput(f"--ref {ref}: the statistics {path} are missing; rebuild them with `{REBUILD}`")
+    mu, sigma = load_stats(path)
+    return mu, sigma, f"{ref} ({path.name})"
+
+
+def digits_fd(x: torch.Tensor | np.ndarray, ref: str = "digits:heldout", batch: int = 256) -> FIDResult:
+    """Frechet distance of [-1, 1] digit samples [N, 1, 16, 16] to the shipped statistics, in digit-classifier
+    features, with the classifier's report (share read confidently, class histogram): for `compare` and the
+    benchmarks, which hold samples in memory."""
+    if ref not in DIGIT_REFS:
+        raise BadInput(f"--ref: expected one of {', '.join(DIGIT_REFS)}, got {ref!r}")
+    mu_r, sig_r, where = digit_reference(ref)
+    stats, report = digit_stats(torch.as_tensor(np.asarray(x, dtype=np.float32)).split(batch))
+    return FIDResult(frechet_distance(stats.mean(), stats.cov(), mu_r, sig_r), stats.n, "digits", "-", where, report)
+
+
+def default_features(samples: str | None, ref: str | None) -> str:
+    """`fid` without --features: digit features for digit references and for samples of a digit model (its
+    samples.npz says so in meta.model), Inception features otherwise."""
+    if ref in DIGIT_REFS:
+        return "digits"
+    p = Path(samples) if samples else None
+    if p is not None and p.is_file() and p.suffix == ".npz":
+        from .npzfiles import NPZReader
+
+        try:
+            with NPZReader(p, "samples file") as r:
+                model = str(r.meta().get("model", ""))
+        except BadInput:
+            return "inception"  # not our samples file: the measurement itself reports what is wrong
+        if model.partition("?")[0] in DIGIT_MODELS:
+            return "digits"
+    return "inception"
 
 
 def compute_stats(
@@ -298,6 +381,8 @@ def compute_stats(
     inception: str | None,
     progress: Callable[..., Any] | None = None,
 ) -> FeatureStats:
+    if features == "digits":
+        return digit_stats(prefetch(iter_float_images(source, batch)), progress)[0]
     stats = FeatureStats()
     if features == "pixels":
         batches = prefetch(iter_pixels(source, batch))
@@ -317,6 +402,12 @@ def compute_stats(
 def reference_stats(
     ref: str, features: str, mode: str, batch: int, device: torch.device | str, inception: str | None
 ) -> tuple[np.ndarray, np.ndarray, str]:
+    if ref.startswith("digits:"):
+        if ref not in DIGIT_REFS:
+            raise BadInput(f"--ref {ref}: the shipped digit statistics are {' and '.join(DIGIT_REFS)}")
+        if features != "digits":
+            raise BadInput(f"--ref {ref}: these statistics are of digit features; use --features digits")
+        return digit_reference(ref)
     p = Path(ref)
     if p.is_file() and p.suffix == ".npz" and not _is_samples(p):
         mu, sigma = load_stats(p)
@@ -371,6 +462,9 @@ def run_fid(
 ) -> FIDResult:
     check_options(features, mode, batch)
     mu_r, sig_r, where = reference_stats(ref, features, mode, batch, device, inception)
+    if features == "digits":
+        s, report = digit_stats(prefetch(iter_float_images(samples, batch)), progress)
+        return FIDResult(frechet_distance(s.mean(), s.cov(), mu_r, sig_r), s.n, features, "-", where, report)
     s = compute_stats(samples, features, mode, batch, device, inception, progress)
     return FIDResult(frechet_distance(s.mean(), s.cov(), mu_r, sig_r), s.n, features, mode, where)
 

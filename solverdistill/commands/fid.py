@@ -18,9 +18,14 @@ def command(
         None,
         "--ref",
         help="Statistics .npz (mu, sigma), image folder, dataset "
-        "name with a local statistics file, or (pixels) a gmm: model spec.",
+        "name with a local statistics file, digits:train or digits:heldout (shipped), or (pixels) a gmm: model spec.",
     ),
-    features: str = typer.Option("inception", "--features", help="inception or pixels."),
+    features: Optional[str] = typer.Option(
+        None,
+        "--features",
+        help="inception, pixels or digits (default: digits for toy:unet-digits samples and digits: references, "
+        "else inception).",
+    ),
     mode: str = typer.Option("legacy_tensorflow", "--mode", help="legacy_tensorflow (papers) or clean."),
     batch: int = typer.Option(64, "--batch", help="Images per batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -31,10 +36,11 @@ def command(
 ):
     """Frechet distance (FID with Inception features); the distance is the last line on stdout."""
     from ..devices import resolve_device
+    from ..fid import default_features, run_fid
     from ..fid import make_ref as write_ref
-    from ..fid import run_fid
 
     dev = resolve_device(device)
+    features = features or default_features(samples, ref)
     if make_ref:
         if out_path is None:
             raise BadInput("--out: required with --make-ref (the statistics .npz to write)")
@@ -45,17 +51,19 @@ def command(
         raise BadInput("give SAMPLES and --ref (or --make-ref IMAGES --out ref.npz)")
     r = run_fid(samples, ref, features, mode, batch, dev, inception)
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "fid": r.distance,
-                    "samples": r.samples,
-                    "features": r.features,
-                    "mode": r.mode,
-                    "reference": r.reference,
-                }
-            )
-        )
+        out = {
+            "fid": r.distance,
+            "samples": r.samples,
+            "features": r.features,
+            "mode": r.mode,
+            "reference": r.reference,
+        }
+        if r.classes is not None:
+            out["classes"] = r.classes.as_dict()
+        print(json.dumps(out))
     else:
-        say(f"{r.samples} samples, {r.features} features ({r.mode}), reference {r.reference}")
+        how = "" if r.features == "digits" else f" ({r.mode})"
+        say(f"{r.samples} samples, {r.features} features{how}, reference {r.reference}")
+        if r.classes is not None:
+            say(f"digit classifier: {r.classes.line()}")
         print(f"{r.distance:.6g}")

@@ -26,7 +26,7 @@ WEIGHTS = Path(__file__).resolve().parent.parent / "data" / "toy_unet_gmm.safete
 DIGITS_WEIGHTS = WEIGHTS.with_name("toy_unet_digits.safetensors")
 SIGMA_DATA = 0.5
 # toy:unet-digits: 16x16 grey digits, ten classes and a null class (index 10) for the unconditional model
-DIGITS_NET = {"channels": (32, 64, 128), "img_channels": 1, "num_classes": 10}
+DIGITS_NET = {"channels": (32, 64, 128), "img_channels": 1, "num_classes": 10, "steps_embed": 16}
 
 
 class ResBlock(nn.Module):
@@ -273,7 +273,7 @@ def train(
 
 
 def train_digits(
-    iterations: int = 2400,
+    iterations: int = 3000,
     batch: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
@@ -341,6 +341,6 @@ if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "train":
         train(minutes=float(sys.argv[2]) if len(sys.argv) > 2 else 25.0)
     elif len(sys.argv) >= 2 and sys.argv[1] == "train-digits":
-        train_digits(iterations=int(sys.argv[2]) if len(sys.argv) > 2 else 2400)
+        train_digits(iterations=int(sys.argv[2]) if len(sys.argv) > 2 else 3000)
     else:
         print("usage: python -m solverdistill.models.toy train [MINUTES] | train-digits [ITERATIONS]")
