@@ -138,7 +138,7 @@ def acceleration_line(a: dict) -> str:
 def table(comp, metric: str, names: list[str], nfes: list[int]) -> Table:
     """One metric as solver rows x NFE columns, the best per column marked with *."""
     t = Table(title=f"{metric} ({'higher' if metric == 'psnr' else 'lower'} is better)")
-    t.add_column("solver")
+    t.add_column("solver", overflow="fold")  # an artifact path stays whole (folded), never cut to "out/quick…"
     for n in nfes:
         t.add_column(f"NFE {n}", justify="right")
     cells = {(r["solver"], r["nfe"]): r for r in comp.rows if r["metric"] == metric}
