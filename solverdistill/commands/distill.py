@@ -36,7 +36,10 @@ def command(
         say=say,
         progress_factory=progress(quiet),
     )
-    table = Table(title=f"{rep.method} at NFE {rep.nfe}: endpoint RMSE on held-out seeds (lower is better)")
+    held = rep.metrics.get("heldout_samples", "?")
+    table = Table(
+        title=f"{rep.method} at NFE {rep.nfe}: endpoint RMSE", caption=f"{held} held-out seeds; lower is better"
+    )
     table.add_column("solver")
     table.add_column("RMSE", justify="right")
     for name, value in rep.rows:
