@@ -387,7 +387,7 @@ def train_once(
             if t.patience and stale >= t.patience:
                 break
         if progress:
-            progress(1, info=f"loss {loss:.3e}  validation rmse {history[-1][1]:.4f}")
+            progress(1, info=f"loss {loss:.3e}  validation rmse {history[-1][1]:.4f} (best {best:.4f}, kept)")
     return Run(best, best_state, history, skipped, it)
 
 
