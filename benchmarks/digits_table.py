@@ -7,7 +7,8 @@ Every sampler uses the same seeds: the held-out seeds of the teacher cache (`--n
 teacher's FD. The floor compares the shipped training-split statistics with the held-out ones (no data needed).
 
 Usage: python benchmarks/digits_table.py [OUT.md] [--nfes 3,4,5,6,8,10] [--student-nfes 3,4,5,6,8,10]
-    [--num 512] [--guidance 2] [--conditions uncond,guided] [--dlms-iterations 300] [--sfd-iterations 300]
+    [--num 512] [--guidance 2] [--conditions uncond,guided] [--dlms-iterations 200] [--dlms-batch 32]
+    [--sfd-iterations 200]
     [--skip dode,dlms,sfd,sfdv]
 Rows are written to OUT.md as they are measured (a stopped run keeps what it finished)."""
 
@@ -36,8 +37,9 @@ ap.add_argument("--student-nfes", default="3,4,5,6,8,10")
 ap.add_argument("--num", type=int, default=512, help="held-out seeds: samples per FD")
 ap.add_argument("--guidance", type=float, default=2.0)
 ap.add_argument("--conditions", default="uncond,guided")
-ap.add_argument("--dlms-iterations", type=int, default=300)
-ap.add_argument("--sfd-iterations", type=int, default=300)
+ap.add_argument("--dlms-iterations", type=int, default=200)
+ap.add_argument("--dlms-batch", type=int, default=32)
+ap.add_argument("--sfd-iterations", type=int, default=200)
 ap.add_argument("--dode-bases", default="euler,ipndm,dpm++3m,unipc")
 ap.add_argument("--skip", default="", help="comma-separated: dode, dlms, sfd, sfdv")
 args = ap.parse_args()
@@ -95,7 +97,7 @@ for condition in args.conditions.split(","):
     say(
         f"Teacher ({cache.spec['solver']}, {cache.steps} steps, {cache.steps + 1} NFE): FD {teacher.distance:.2f}; "
         f"{teacher.classes.confident:.0%} read confidently, classes {teacher.classes.histogram}. "
-        f"Cache {'built' if ws.built else 'reused'} in {teacher_s:.0f}s."
+        f"Cache {'built' if ws.teacher_built else 'reused'} in {teacher_s:.0f}s."
     )
     say("")
     say("Handcrafted solvers (FD; `+afs`: analytical first step):")
@@ -136,7 +138,8 @@ for condition in args.conditions.split(","):
         if "dlms" not in skip:
             t0 = time.time()
             s, t = dlms.configs(
-                {"method": "dlms", "nfe": nfe}, {"iterations": args.dlms_iterations, "heldout": args.num}
+                {"method": "dlms", "nfe": nfe},
+                {"iterations": args.dlms_iterations, "batch": args.dlms_batch, "heldout": args.num},
             )
             solver = dlms.load(dlms.fit(cache, model, s, t), model)
             cells[("DLMS", nfe)] = f"{student_row('DLMS', nfe, solver, time.time() - t0):.2f}"
