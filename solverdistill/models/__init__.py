@@ -136,8 +136,9 @@ def _toy(body: str, spec: str) -> Denoiser:
 register_backend(
     "toy",
     _toy,
-    "small EDM-preconditioned UNet shipped with the package (trained on gmm:cifar)",
-    ("toy:unet-gmm",),
+    "small EDM-preconditioned UNets shipped with the package: unet-gmm (trained on gmm:cifar), unet-digits "
+    "(class-conditional, trained on real handwritten digits; ?class=K, ?guidance=W)",
+    ("toy:unet-gmm", "toy:unet-digits", "toy:unet-digits?guidance=2"),
     runs_code=False,  # package safetensors weights
 )
 register_backend(
