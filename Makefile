@@ -51,7 +51,9 @@ clean:
 
 # The digits demo (docs/digits.md): teacher -> DLMS at NFE 5 -> samples on toy:unet-digits, a network trained on
 # real handwritten digits; prints the FD of the DLMS samples next to the best handcrafted solver at NFE 5.
+# One thread each: on a busy 2-core machine two threads per process fight and run several times slower.
 .PHONY: demo-digits
+demo-digits: export OMP_NUM_THREADS ?= 1
 demo-digits: install
 	$(PYTHON) -m solverdistill teacher recipes/digits_dlms.yaml
 	$(PYTHON) -m solverdistill distill recipes/digits_dlms.yaml
