@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import traceback
 
 import typer
 from rich.text import Text
 
-from . import __version__
+from . import __version__, distributed
 from .commands import bench, cache, compare, convert, distill, export, fid, listing, sample, teacher
 from .commands import inspect as inspect_command
 from .commands.console import err, out
@@ -28,6 +29,8 @@ def handled(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if distributed.world().size > 1:  # under torchrun (docs/distributed.md)
+            return _one_rank(fn, *args, **kwargs)
         try:
             return fn(*args, **kwargs)
         except BadInput as e:
@@ -39,6 +42,29 @@ def handled(fn):
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _one_rank(fn, *args, **kwargs):
+    """One torchrun rank: join the group, run, leave it. A failure prints this rank's message and exits at once
+    with its status (2 bad input, 1 failed run), so torchrun stops the other ranks instead of leaving them waiting."""
+    distributed.init()
+    try:
+        result = fn(*args, **kwargs)
+    except BadInput as e:
+        distributed.abort(f"error: {e}", 2)
+    except RunFailed as e:
+        distributed.abort(f"failed: {e}", 1)
+    except typer.Exit as e:
+        if e.exit_code:
+            distributed.abort(f"exit status {e.exit_code}", e.exit_code)
+        distributed.finish()
+        raise
+    except KeyboardInterrupt:
+        distributed.abort("interrupted", 130)
+    except BaseException:
+        distributed.abort(traceback.format_exc(), 1)
+    distributed.finish()
+    return result
 
 
 TRUST_HELP = "Load EDM pickles (which run code) without an allow-list entry, for this run."

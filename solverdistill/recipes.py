@@ -72,6 +72,8 @@ class TeacherSection:
     shard_size: int = field(default=256, metadata=_check(min=1, max=CEILINGS["shard_size"]))
     device: str = "auto"
     precision: str = field(default="fp32", metadata=_check(choices=("fp32", "fp16", "bf16")))
+    # Keep every K-th grid point (and the last) in the cache; states_at interpolates across the gaps.
+    store_every: int = field(default=1, metadata=_check(min=1, max=CEILINGS["steps"]))
 
 
 @dataclass

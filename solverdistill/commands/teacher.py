@@ -19,6 +19,7 @@ def command(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (overrides teacher.device)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache made with another spec."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    force: bool = typer.Option(False, "--force", help="Start even when the disk lacks the space the cache needs."),
 ):
     """Integrate the ODE accurately from many seeds and cache the trajectories (resumable, sharded)."""
     from ..recipes import load_recipe, path_notes
@@ -37,7 +38,8 @@ def command(
         say(note)
     # The one command whose job is the cache: it also checks every finished shard's checksums (readers check
     # only what they map), so a damaged shard is regenerated here rather than found by a later distill.
-    with prepare_teacher(r, overwrite=overwrite, verify=True, progress_factory=progress(quiet)) as job:
+    with prepare_teacher(r, overwrite=overwrite, verify=True, progress_factory=progress(quiet), force=force) as job:
+        say(job.size_note())
         label = f"teacher ({job.missing} of {r.teacher.num_samples} left)"
         with progress(quiet)(job.missing, label) as bar:
             rep = job.run(progress=bar)

@@ -44,8 +44,8 @@ from numpy.typing import ArrayLike, DTypeLike
 from ..errors import BadInput
 
 FORMAT, FORMAT_VERSION = "sdistill-teacher-cache", 1
-SPEC_FIELDS = ("model", "solver", "grid", "dtype", "shape", "seed", "precision")
-SPEC_DEFAULTS = {"precision": "fp32"}  # caches written before a field existed
+SPEC_FIELDS = ("model", "solver", "store_every", "grid", "dtype", "shape", "seed", "precision")
+SPEC_DEFAULTS = {"precision": "fp32", "store_every": 1}  # caches written before a field existed
 STORE_DTYPE_NAMES = ("float32", "float16")
 PRECISIONS = ("fp32", "fp16", "bf16")
 STATUSES = ("ok", "bad")
@@ -372,6 +372,13 @@ def check_manifest(manifest: Any, path: Path) -> dict:
     for i, d in enumerate(shape):
         need(_is_int(d) and 1 <= d <= 2**31, f"spec.shape[{i}]", "an integer >= 1", d)
     need(_is_int(spec.get("seed")) and 0 <= spec["seed"] < 2**62, "spec.seed", "an integer >= 0", spec.get("seed"))
+    if "store_every" in spec:
+        need(
+            _is_int(spec["store_every"]) and spec["store_every"] >= 1,
+            "spec.store_every",
+            "an integer >= 1",
+            spec["store_every"],
+        )
     if "precision" in spec:
         need(spec["precision"] in PRECISIONS, "spec.precision", " or ".join(PRECISIONS), spec["precision"])
     cond = spec.get("cond_shape")
@@ -507,6 +514,14 @@ def shard_shapes(n: int, steps: int, shape: Sequence[int], cond_shape: Sequence[
     if cond_shape is not None:  # class labels / prompt indices, one row per sample
         shapes["cond"] = (n, *cond_shape)
     return shapes
+
+
+def shard_bytes(
+    n: int, steps: int, shape: Sequence[int], store: DTypeLike, cond_shape: Sequence[int] | None = None
+) -> int:
+    """Bytes on disk of a shard of `n` samples: its arrays plus one 128-byte .npy header per file."""
+    dtypes = shard_dtypes(store)
+    return sum(128 + math.prod(s) * dtypes[k].itemsize for k, s in shard_shapes(n, steps, shape, cond_shape).items())
 
 
 def shard_dtypes(store: DTypeLike) -> dict[str, np.dtype]:
@@ -867,6 +882,9 @@ class TeacherCache:
         """(field, value) rows describing the cache: model, solver, grid, dtype, shape, samples, shards, size."""
         spec = self.spec
         grid = f"{spec['schedule']}, {self.steps} steps, sigma {self.sigmas[0]:g} -> {self.sigmas[-1]:g}"
+        every = spec.get("store_every", 1)
+        if every > 1:
+            grid += f" (every {every}th point of the teacher's grid stored)"
         per = self.disk_bytes() / max(self.num_samples, 1)
         bad = sum(s["status"] != "ok" for s in self.manifest["shards"])
         return [
@@ -878,7 +896,28 @@ class TeacherCache:
             ("samples", f"{self.num_samples} (seeds {spec['seed']}..{spec['seed'] + self.num_samples - 1})"),
             ("shards", f"{len(self.shards)} in use, {bad} bad"),
             ("on disk", f"{self.disk_bytes() / 2**20:.1f} MiB, {per / 2**10:.1f} KiB per sample"),
+            ("bytes per sample", f"{per:,.0f}"),
         ]
+
+    def read_rate(self, batch: int = 256, points: int = 8, repeats: int = 3) -> tuple[float, float]:
+        """What a training step reads: `states_at` for `batch` random samples at `points` random sigmas each
+        (per-sample grids, as DLMS and SFD ask). Returns (samples per second, MiB per second of states served),
+        the best of `repeats` timed reads after one warm-up read (the first read maps files and checks sums)."""
+        n = self.num_samples
+        if n < 1:
+            return 0.0, 0.0
+        rng = np.random.default_rng(0)
+        lo, hi = np.log(self.sigmas[-1]), np.log(self.sigmas[0])
+        best = math.inf
+        for r in range(repeats + 1):
+            idx = rng.integers(0, n, size=min(batch, n))
+            q = np.exp(rng.uniform(lo, hi, size=(len(idx), points)))
+            began = time.perf_counter()
+            self.states_at(idx, q)
+            if r:  # the warm-up read is not counted
+                best = min(best, time.perf_counter() - began)
+        k = min(batch, n)
+        return k / best, k * points * math.prod(self.shape) * 4 / best / 2**20
 
     def disk_bytes(self) -> int:
         """Bytes on disk of the shards served."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, distributed
 from ..errors import BadInput, RunFailed
 from ..generate import initial_noise
 from ..grids import make_grid
@@ -38,6 +38,7 @@ from .cache import (
     coverage_gaps,
     read_manifest,
     reason,
+    shard_bytes,
     shard_problem,
     shown,
     spec_differences,
@@ -50,17 +51,40 @@ if TYPE_CHECKING:
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
+def sized(n: float) -> str:
+    """Bytes for people: KiB, MiB, GiB or TiB."""
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
+
+
+def stored_points(steps: int, every: int) -> list[int]:
+    """Indices of the grid points a cache keeps with teacher.store_every = `every`: 0, K, 2K, ... and the last."""
+    keep = list(range(0, steps + 1, every))
+    return keep if keep[-1] == steps else [*keep, steps]
+
+
+def teacher_grid(recipe: Recipe, model: Denoiser) -> torch.Tensor:
+    """The grid the teacher integrates on (every point; the cache may store a sub-grid of it)."""
+    t = recipe.teacher
+    return make_grid(t.schedule, t.steps, model.sigma_min, model.sigma_max)
+
+
 def teacher_spec(recipe: Recipe, model: Denoiser) -> dict:
-    """The manifest's `spec` for this recipe and model: what a cache must match to be reused."""
+    """The manifest's `spec` for this recipe and model: what a cache must match to be reused. `grid` holds the
+    stored points only (every teacher.store_every-th and the last), the grid readers interpolate on."""
     t = recipe.teacher
     info = get_solver(t.solver)
-    grid = make_grid(t.schedule, t.steps, model.sigma_min, model.sigma_max)
+    grid = teacher_grid(recipe, model)[stored_points(t.steps, t.store_every)]
     cond = draw_cond(model, [t.seed])
     return {
         "model": model.fingerprint,
         "model_spec": model.spec,
         "solver": info.name,
         "schedule": t.schedule,
+        "store_every": t.store_every,
         "grid": grid.tolist(),
         "dtype": t.dtype,
         "shape": list(model.shape),
@@ -119,6 +143,16 @@ class BackgroundWriter:
         if self.error:
             raise self.error
         self.jobs.put(job)
+
+    def wait(self) -> None:
+        """Block until every job queued so far has run; raises the first error of any job."""
+        ran = threading.Event()
+        self.submit(ran.set)
+        while not ran.wait(0.1):
+            if self.error or not self.thread.is_alive():
+                break
+        if self.error:
+            raise self.error
 
     def close(self) -> None:
         """Run what is queued, stop the thread, and raise the first error of any job."""
@@ -180,6 +214,18 @@ class TeacherJob:
     todo: list[tuple[str, int, int]]
     lock: CacheLock | None = None
     ran: bool = False
+    grid: torch.Tensor | None = None  # the grid integrated on (spec["grid"] is the stored sub-grid of it)
+    bytes_total: int = 0  # the whole cache on disk once the job is done
+    bytes_todo: int = 0  # what the job writes
+    bytes_free: int | None = None  # free space on the cache's disk when planned (None: unknown)
+
+    def size_note(self) -> str:
+        """The size the cache will take, for the user before a long run."""
+        text = f"{shown(self.root)}: the cache takes {sized(self.bytes_total)}"
+        if self.todo:
+            free = f", {sized(self.bytes_free)} free" if self.bytes_free is not None else ""
+            text += f" ({sized(self.bytes_todo)} to write{free})"
+        return text + f", {self.bytes_total / max(self.recipe.teacher.num_samples, 1):,.0f} bytes per sample"
 
     @property
     def missing(self) -> int:
@@ -239,6 +285,68 @@ def prepare_teacher(
     overwrite: bool = False,
     verify: bool = False,
     progress_factory: Callable[[int, str], Any] | None = None,
+    force: bool = False,
+) -> TeacherJob:
+    """Open (or create) the recipe's cache and plan what is left to write (`_prepare`). Under torchrun rank 0
+    does that alone, holding the writer lock for the whole group, and hands its plan to the other ranks, which
+    never touch the manifest (docs/distributed.md). Every rank must call this."""
+    if distributed.active() and not distributed.is_main():
+        if model is None:
+            from ..pipeline import recipe_model  # (the pipeline imports this module)
+
+            model = recipe_model(recipe, recipe.teacher.device)
+        spec = teacher_spec(recipe, model)
+        plan = distributed.broadcast_object(None)
+        todo = [tuple(t) for t in plan["todo"]]
+        return TeacherJob(
+            recipe, model, spec, recipe.cache_dir(), plan["manifest"], todo, None, grid=plan_grid(recipe, model)
+        )
+    job = _prepare(recipe, model, overwrite, verify, progress_factory, force)
+    if distributed.active():
+        distributed.broadcast_object({"manifest": job.manifest, "todo": job.todo})
+    return job
+
+
+def plan_grid(recipe: Recipe, model: Denoiser) -> torch.Tensor:
+    """The teacher's full integration grid (float64)."""
+    return teacher_grid(recipe, model).to(torch.float64)
+
+
+def _size_check(job: TeacherJob, force: bool) -> None:
+    """Fill in the job's sizes; refuse (BadInput) when what it writes exceeds the free space, unless `force`."""
+    spec, t = job.spec, job.recipe.teacher
+    steps, store = len(spec["grid"]) - 1, STORE_DTYPES[spec["dtype"]]
+
+    def size(n: int) -> int:
+        return shard_bytes(n, steps, spec["shape"], store, spec["cond_shape"])
+
+    todo_names = {name for name, _, _ in job.todo}
+    kept = sum(
+        sum(s["bytes"].values())
+        for s in job.manifest["shards"]
+        if s["name"] not in todo_names and s["start"] < t.num_samples
+    )
+    job.bytes_todo = sum(size(count) for _, _, count in job.todo)
+    job.bytes_total = kept + job.bytes_todo
+    try:
+        job.bytes_free = shutil.disk_usage(job.root).free
+    except OSError:
+        job.bytes_free = None
+    if job.bytes_free is not None and job.bytes_todo > job.bytes_free and not force:
+        raise BadInput(
+            f"{shown(job.root)}: the teacher cache needs {sized(job.bytes_todo)} more but its disk has "
+            f"{sized(job.bytes_free)} free; free space, use another teacher.cache, lower teacher.num_samples "
+            "or raise teacher.store_every, or pass --force (sdistill teacher) to start anyway"
+        )
+
+
+def _prepare(
+    recipe: Recipe,
+    model: Denoiser | None,
+    overwrite: bool,
+    verify: bool,
+    progress_factory: Callable[[int, str], Any] | None,
+    force: bool,
 ) -> TeacherJob:
     """Open (or create) the recipe's cache and plan the shards left to write. `model`: the recipe's model
     already resolved by the caller (else resolved here on teacher.device in teacher.compute_dtype). `verify`:
@@ -308,7 +416,10 @@ def prepare_teacher(
         todo = plan_shards(manifest, t.num_samples, t.shard_size)
         if held is not None and todo:
             raise held
-        job = TeacherJob(recipe, model, spec, root, manifest, todo, lock if todo else None)
+        job = TeacherJob(
+            recipe, model, spec, root, manifest, todo, lock if todo else None, grid=plan_grid(recipe, model)
+        )
+        _size_check(job, force)
         if not todo and lock is not None:
             lock.release()
         return job
@@ -354,15 +465,24 @@ def _check_finite(x: torch.Tensor, den: torch.Tensor, store: type, seeds: Sequen
 
 
 def _integrate(job: TeacherJob, progress: Callable[..., Any] | None, write: bool) -> TeacherReport:
+    """Integrate the planned shards. One process does them in order; under torchrun the shards go round-robin
+    to the ranks in rounds, and after each round rank 0 records the round's finished shards in the manifest
+    (a killed run loses at most the round in progress). Each shard is integrated in the same batches whatever
+    the world size, so the shards are bit for bit those of one process."""
     t, model, spec, root, manifest = job.recipe.teacher, job.model, job.spec, job.root, job.manifest
-    todo = job.todo
-    grid = torch.tensor(spec["grid"], dtype=torch.float64)
+    grid = job.grid if job.grid is not None else plan_grid(job.recipe, model)
+    keep = stored_points(t.steps, t.store_every)
+    steps = len(keep) - 1
     store = STORE_DTYPES[t.dtype]
+    rank, size = distributed.rank_size()
     lock = threading.Lock()
 
-    def commit(entry: dict) -> None:
+    def commit(entries: list[dict]) -> None:
+        if not entries or not distributed.is_main():
+            return
         with lock:
-            manifest["shards"] = [s for s in manifest["shards"] if s["name"] != entry["name"]] + [entry]
+            names = {e["name"] for e in entries}
+            manifest["shards"] = [s for s in manifest["shards"] if s["name"] not in names] + entries
             manifest["shards"].sort(key=lambda s: s["start"])
             try:
                 write_json_atomic(root / "manifest.json", manifest)
@@ -375,34 +495,48 @@ def _integrate(job: TeacherJob, progress: Callable[..., Any] | None, write: bool
     generated, start_time = 0, time.time()
     writer = BackgroundWriter() if write else None
     shards: list[ShardWriter] = []  # every shard started, so a failure can remove the unfinished ones
+    rounds = [job.todo[r : r + size] for r in range(0, len(job.todo), size)]
     try:
-        for name, start, count in todo:
-            shard = None
-            if write:
-                shard = ShardWriter(
-                    root, name, start, count, t.steps, model.shape, store, spec["grid"], spec["cond_shape"]
-                )
-                shards.append(shard)
-            for b0 in range(start, start + count, t.batch):
-                seeds = list(range(t.seed + b0, t.seed + min(b0 + t.batch, start + count)))
-                z = initial_noise(seeds, model.shape, model.dtype, model.device)
-                cond = draw_cond(model, seeds)
-                x, den = integrate_batch(model, spec["solver"], grid, z, cond)
-                _check_finite(x, den, store, seeds, job.recipe)
-                arrays = (
-                    np.asarray(seeds),
-                    z.cpu().float().numpy(),
-                    x.cpu().numpy(),
-                    den.cpu().numpy(),
-                    None if cond is None else cond.cpu().numpy(),
-                )
+        for work in rounds:
+            finished: list[dict] = []
+            mine = work[rank : rank + 1]  # this rank's shard of the round (none in a short last round)
+            for name, start, count in mine:
+                shard = None
+                if write:
+                    shard = ShardWriter(
+                        root, name, start, count, steps, model.shape, store, spec["grid"], spec["cond_shape"]
+                    )
+                    shards.append(shard)
+                for b0 in range(start, start + count, t.batch):
+                    seeds = list(range(t.seed + b0, t.seed + min(b0 + t.batch, start + count)))
+                    z = initial_noise(seeds, model.shape, model.dtype, model.device)
+                    cond = draw_cond(model, seeds)
+                    x, den = integrate_batch(model, spec["solver"], grid, z, cond)
+                    x, den = x[:, keep], den[:, keep]  # teacher.store_every: the stored sub-grid
+                    _check_finite(x, den, store, seeds, job.recipe)
+                    arrays = (
+                        np.asarray(seeds),
+                        z.cpu().float().numpy(),
+                        x.cpu().numpy(),
+                        den.cpu().numpy(),
+                        None if cond is None else cond.cpu().numpy(),
+                    )
+                    if writer:
+                        writer.submit(lambda s=shard, a=arrays: s.append(*a))
+                    generated += len(seeds)
+                    if progress and size == 1:
+                        progress(len(seeds))
                 if writer:
-                    writer.submit(lambda s=shard, a=arrays: s.append(*a))
-                generated += len(seeds)
+                    if size == 1:
+                        writer.submit(lambda s=shard: commit([s.finish()]))
+                    else:
+                        writer.submit(lambda s=shard, f=finished: f.append(s.finish()))
+            if size > 1:
+                if writer:
+                    writer.wait()  # this rank's shard is on disk (or its error raised here)
+                commit([e for got in distributed.gather_objects(finished) for e in got])
                 if progress:
-                    progress(len(seeds))
-            if writer:
-                writer.submit(lambda s=shard: commit(s.finish()))
+                    progress(sum(count for _, _, count in work))
         if writer:
             done, writer = writer, None
             done.close()  # the last shard's errors surface here, still inside this try
@@ -416,5 +550,6 @@ def _integrate(job: TeacherJob, progress: Callable[..., Any] | None, write: bool
         for shard in shards:
             shard.abort()  # no-op for finished shards; removes the .tmp of the others
         raise
+    generated = int(distributed.all_sum(torch.tensor(float(generated))).item())
     nfe = t.steps * get_solver(spec["solver"]).calls_per_step + 1
     return TeacherReport(root, t.num_samples, generated, t.num_samples - generated, time.time() - start_time, nfe)
