@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import distributed
 from .errors import BadInput
 from .solvers.base import Solver, Step
 
@@ -70,9 +71,13 @@ def generate(
 ) -> Result:
     """Run `solver` from sigma_max * noise(seed) for every seed, in batches; returns samples, noise and the
     measured NFE per sample. `progress(n_done)` is called after each batch; `callback(batch_seeds, step)` sees
-    every step."""
+    every step. Under torchrun each rank runs its contiguous share of the seeds and every rank gets all samples
+    back in seed order (per-seed noise makes them those of one process); the callback sees this rank's share."""
     if batch < 1:
         raise BadInput(f"--batch: must be >= 1, got {batch}")
+    everyone = list(seeds)
+    _, size = distributed.rank_size()
+    seeds = distributed.shard(everyone)
     counter = CountingDenoiser(model)
     cond_for = cond_for or getattr(model, "draw_cond", None)  # e.g. class labels drawn per seed
     sigma_max = float(model.sigma_max)
@@ -93,9 +98,17 @@ def generate(
         xs.append(x.cpu())
         zs.append(z.cpu())
         if progress:
-            progress(len(chunk))
+            progress(len(chunk) * len(everyone) / len(seeds))  # rank 0's bar stands for every rank's share
+    if size > 1:
+        counts = {c for c in distributed.gather_objects(calls_per_sample) if c is not None}
+        if len(counts) > 1:
+            raise RuntimeError("solver made a different number of calls on different ranks")
+        calls_per_sample = counts.pop() if counts else None
+        empty = torch.empty((0, *model.shape))
+        xs = [distributed.gather_rows(torch.cat(xs) if xs else empty.to(dtype=model.dtype))]
+        zs = [distributed.gather_rows(torch.cat(zs) if zs else empty.to(dtype=model.dtype))]
     nfe = calls_per_sample or 0
-    return Result(torch.cat(xs), torch.cat(zs), list(seeds), nfe, nfe * int(getattr(model, "passes_per_call", 1)))
+    return Result(torch.cat(xs), torch.cat(zs), everyone, nfe, nfe * int(getattr(model, "passes_per_call", 1)))
 
 
 NFE_WARN = 1000  # few-step solvers live far below this; above it a run is almost surely a typo

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, artifacts, students
+from . import __version__, artifacts, distributed, students
 from .devices import resolve_device, resolve_dtype
 from .errors import BadInput
 from .generate import generate, nfe_notes
@@ -151,9 +151,12 @@ def run_sample(
         "device": str(dev),
     }
     arrays = {"x": res.x.numpy(), "z": res.z.numpy(), "seeds": res.seeds}
-    if grids:
-        arrays["grids"] = per_sample_grids(grids, num).numpy()
+    if per_sample:  # recorded for this rank's seeds (all of them without torchrun)
+        mine = per_sample_grids(grids, len(distributed.shard(seeds))) if grids else torch.empty(0, 0)
+        arrays["grids"] = distributed.gather_rows(mine).numpy()
         meta["per_sample_grid"] = True
+    if not distributed.is_main():  # under torchrun rank 0 writes the files
+        return ""
     shown_x = res.x.numpy()
     if callable(getattr(den, "decode", None)):  # latent models: x and z are latents, images are decoded
         with torch.no_grad():
