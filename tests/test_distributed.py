@@ -1,0 +1,163 @@
+"""torchrun on the CPU (gloo): 2 (and 3) processes started with `python -m torch.distributed.run`, the way the
+README documents it (program arguments after `--`), against one process with the same seeds."""
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from solverdistill import distributed
+from solverdistill.teacher.cache import TeacherCache
+
+# The one model-agnostic killer: gmm:tiny that SIGKILLs itself on the given rank after some calls.
+KILLER = """
+import os, signal
+import torch
+from solverdistill.models import resolve
+
+CALLS = [0]
+
+
+class Killer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = resolve("gmm:tiny")
+        self.sigma_min, self.sigma_max, self.shape = self.inner.sigma_min, self.inner.sigma_max, self.inner.shape
+
+    def forward(self, x, sigma, cond=None):
+        CALLS[0] += 1
+        if os.environ.get("KILL_RANK", "none") == os.environ.get("RANK") and CALLS[0] > int(os.environ["KILL_AFTER"]):
+            if os.environ.get("KILL_HOW") == "raise":
+                from solverdistill.errors import RunFailed
+
+                raise RunFailed("the model broke on purpose")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner(x, sigma, cond)
+
+
+def make():
+    return Killer()
+"""
+
+
+def torchrun(n: int, *args, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N -m solverdistill -- ARGS` (this host needs --local-addr: its
+    name does not resolve)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1"]
+    cmd += [f"--nproc_per_node={n}", "-m", "solverdistill", "--", *map(str, args)]
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def one_process(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        full.pop(k, None)
+    return subprocess.run(
+        [sys.executable, "-m", "solverdistill", *map(str, args)],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def same_tree(a: Path, b: Path) -> None:
+    """Every file of two folders equal byte for byte (writer.lock and temporaries excluded)."""
+    names_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    names_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert names_a == names_b
+    for rel in names_a:
+        assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
+
+
+TEACHER = {"steps": 6, "num_samples": 14, "batch": 2, "shard_size": 3}
+
+
+def test_single_process_has_no_group():
+    assert distributed.world().size == 1 or "WORLD_SIZE" in os.environ
+    assert not distributed.active() and distributed.is_main() and distributed.rank_size() == (0, 1)
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3]
+
+
+def test_shard_splits_contiguously(monkeypatch):
+    monkeypatch.setattr(distributed, "rank_size", lambda: (1, 3))
+    assert distributed.shard(list(range(8))) == [2, 3, 4]
+    got = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank_size", lambda r=r: (r, 3))
+        got += distributed.shard(list(range(8)))
+    assert got == list(range(8))
+
+
+def test_teacher_and_sample_on_two_ranks_equal_one_process(tmp_path, recipe_file):
+    one = recipe_file(tmp_path / "one.yaml", teacher={**TEACHER, "cache": str(tmp_path / "c1")})
+    two = recipe_file(tmp_path / "two.yaml", teacher={**TEACHER, "cache": str(tmp_path / "c2")})
+    r = one_process("teacher", one, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = torchrun(2, "teacher", two, "--num", 14, cwd=tmp_path)  # `--num` after `--` is the program's
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("14 samples (14 integrated now") == 1  # rank 0 prints, the other is silent
+    assert not (tmp_path / "c2" / "writer.lock").exists()
+    same_tree(tmp_path / "c1", tmp_path / "c2")
+
+    sample = ["sample", "--model", "gmm:tiny", "--solver", "dpm++2m", "--nfe", 5, "--num", 7, "--batch", 3]
+    r = one_process(*sample, "--out", tmp_path / "s1", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = torchrun(2, *sample, "--out", tmp_path / "s2", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert filecmp.cmp(tmp_path / "s1" / "samples.npz", tmp_path / "s2" / "samples.npz", shallow=False)
+
+
+def manifest_count(cache: Path) -> int:
+    m = json.loads((cache / "manifest.json").read_text())
+    return sum(s["count"] for s in m["shards"] if s["status"] == "ok")
+
+
+@pytest.mark.parametrize("rerun", [1, 3])
+def test_a_killed_rank_stops_the_run_and_any_world_size_resumes(tmp_path, recipe_file, rerun):
+    (tmp_path / "killer.py").write_text(textwrap.dedent(KILLER))
+    teacher = {**TEACHER, "num_samples": 24, "cache": str(tmp_path / "c")}
+    rec = recipe_file(tmp_path / "r.yaml", model=f"python:{tmp_path / 'killer.py'}:make", teacher=teacher)
+    # Rank 1 dies in its second shard: rank 0 must not wait for it forever, and the run must fail.
+    r = torchrun(2, "teacher", rec, cwd=tmp_path, env={"KILL_RANK": "1", "KILL_AFTER": "30"}, timeout=90)
+    assert r.returncode != 0
+    assert "rank 1" in r.stdout + r.stderr or "local_rank: 1" in r.stdout + r.stderr
+    done = manifest_count(tmp_path / "c")
+    assert 0 < done < 24  # the first round was recorded, not the whole cache
+    if rerun == 1:
+        r = one_process("teacher", rec, "--quiet", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    else:
+        r = torchrun(3, "teacher", rec, "--quiet", cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert f"({24 - done} integrated now, {done} already cached)" in r.stdout
+    ref = recipe_file(
+        tmp_path / "ref.yaml",
+        model=f"python:{tmp_path / 'killer.py'}:make",
+        teacher={**teacher, "cache": str(tmp_path / "ref")},
+    )
+    assert one_process("teacher", ref, "--quiet", cwd=tmp_path).returncode == 0
+    got, want = TeacherCache.open(tmp_path / "c"), TeacherCache.open(tmp_path / "ref")
+    assert got.num_samples == want.num_samples == 24
+    for key in ("seeds", "noise", "x", "denoised"):
+        assert np.array_equal(got.get(key, range(24)), want.get(key, range(24)))
+
+
+def test_a_failure_on_one_rank_stops_all_with_its_message_and_status(tmp_path, recipe_file):
+    (tmp_path / "killer.py").write_text(textwrap.dedent(KILLER))
+    teacher = {**TEACHER, "num_samples": 24, "cache": str(tmp_path / "c")}
+    rec = recipe_file(tmp_path / "r.yaml", model=f"python:{tmp_path / 'killer.py'}:make", teacher=teacher)
+    env = {"KILL_RANK": "1", "KILL_AFTER": "30", "KILL_HOW": "raise"}
+    r = torchrun(2, "teacher", rec, "--quiet", cwd=tmp_path, env=env, timeout=90)
+    said = r.stdout + r.stderr
+    assert r.returncode != 0 and "[rank 1/2] failed: the model broke on purpose" in said
+    assert "exitcode  : 1" in said and "Traceback" not in said.split("[rank 1/2]")[0]
+    assert not (tmp_path / "c" / "writer.lock").exists()  # rank 0 was stopped and its lock given back or stale
