@@ -121,6 +121,18 @@ def all_mean_(tensors: Sequence[torch.Tensor]) -> None:
         t.copy_(buf / size)
 
 
+def average_gradients(grads: Sequence[torch.Tensor], rows: int, total: int) -> None:
+    """Gradients of a mean loss over this rank's `rows` of a global batch of `total` rows, made the gradient of
+    the mean over the whole batch on every rank (in place): each rank's share weighted by its rows, then summed,
+    as DistributedDataParallel does for equal shares."""
+    if not active():
+        return
+    weight = rows * dist.get_world_size() / total
+    for g in grads:
+        g.mul_(weight)
+    all_mean_(grads)
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's contiguous share of `items` (seeds): rank r gets the r-th of `size` near-equal blocks, so
     concatenating the shares in rank order gives `items` back."""

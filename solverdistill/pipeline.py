@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import artifacts, students
+from . import artifacts, distributed, students
 from .devices import resolve_device, resolve_dtype
 from .errors import BadInput
 from .evaluation import acceleration_ratio, heldout_rmse
@@ -237,7 +237,8 @@ def distill(
             curve = handcrafted_curve(s_cfg.nfe, base, model, cache, held, student_rmse, progress=bar)
         ratio = acceleration_ratio(student_rmse, s_cfg.nfe, curve)
     except BaseException:  # Ctrl-C or a failure while measuring: the fitted student is kept
-        path = artifacts.save(artifact, path)
+        if distributed.is_main():
+            path = artifacts.save(artifact, path)
         say(f"the held-out evaluation did not finish; the fitted student is saved without its metrics: {path}")
         raise
     artifact.meta["metrics"] = {
@@ -259,7 +260,8 @@ def distill(
         "teacher_samples": cache.num_samples,
         "student_nfe": s_cfg.nfe,
     }
-    path = artifacts.save(artifact, path)
+    if distributed.is_main():  # under torchrun every rank holds the same artifact; rank 0 writes it
+        path = artifacts.save(artifact, path)
     rows = [
         (f"{method.name} (this artifact)", student_rmse),
         ("initial / base solver", initial),

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import grids
+from .. import distributed, grids
 from ..artifacts import Artifact, new_meta
 from ..errors import BadInput
 from ..evaluation import cache_endpoints, rmse
@@ -365,10 +365,16 @@ def train_once(
     best, best_state, stale, skipped, it = history[0][1], copy.deepcopy(student.state_dict()), 0, 0, 0
     for it in range(1, t.iterations + 1):
         idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
+        # Under torchrun every rank draws the same global batch and trains on its contiguous share; gradients
+        # (and the loss) are averaged with each share's weight, so every rank takes the one-process step.
+        idx, share = distributed.shard(idx), len(idx)
         opt.zero_grad(set_to_none=True)
         x, cond = cache.start(idx, model)
         loss = student.train_pass(model, x, cond, _loss_fn(cache, idx, s, t, student.steps), window=t.window)
         grads = [p.grad for p in student.designer.parameters() if p.grad is not None]
+        if distributed.active():
+            distributed.average_gradients(grads, len(idx), share)
+            loss = float(distributed.all_sum(torch.tensor(loss * len(idx) / share, dtype=torch.float64)))
         if not math.isfinite(loss) or any(not torch.isfinite(g).all() for g in grads):
             skipped += 1  # NaN guard: skip the step, count it, report it
         else:
@@ -403,6 +409,9 @@ def fit(
         raise BadInput(f"train.validation: {t.validation} leaves no training trajectories out of {len(train_idx)}")
     # Model selection uses its own validation trajectories, never the held-out ones the metrics report.
     train_idx, val_idx = train_idx[: -t.validation], train_idx[-t.validation :]
+    ranks = distributed.rank_size()[1]
+    if min(t.batch, len(train_idx)) < ranks:
+        raise BadInput(f"train.batch: {min(t.batch, len(train_idx))} rows cannot be split over {ranks} processes")
     # Training on a few trajectories is high-variance: independent restarts, the best by validation is kept.
     runs = []
     for r in range(t.restarts):

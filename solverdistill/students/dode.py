@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..artifacts import Artifact, new_meta
 from ..errors import BadInput
 from ..solvers import Plan, plan
@@ -117,6 +118,7 @@ def closed_form(
         r = target - x0.double().cpu()
         er += float((e * r).sum())
         ee += float((e * e).sum())
+    er, ee = distributed.all_sum(torch.tensor([er, ee], dtype=torch.float64)).tolist()  # torchrun: every rank's
     return er / ee if ee > 0 else 0.0
 
 
@@ -126,14 +128,17 @@ def fit(
     began = time.time()
     base = plan(s.base, s.nfe, model, s.schedule or None, s.afs, lower_order_final=s.lower_order_final)
     train_idx, _ = cache.split(t.samples, t.heldout)
-    batches = [train_idx[b : b + t.batch] for b in range(0, len(train_idx), t.batch)]
+    # Under torchrun each rank takes a contiguous share of the batches and the float64 sums are reduced over
+    # ranks, so every rank fits the same lambdas (docs/distributed.md).
+    batches = distributed.shard([train_idx[b : b + t.batch] for b in range(0, len(train_idx), t.batch)])
     final = [cache.endpoints(idx) for idx in batches]
 
     def endpoint_error(lams: Sequence[float]) -> float:
-        return sum(
+        mine = sum(
             float((base.solve(Extrapolated(model, lams), *cache.start(idx, model)).double().cpu() - f).pow(2).sum())
             for idx, f in zip(batches, final)
         )
+        return float(distributed.all_sum(torch.tensor(float(mine), dtype=torch.float64)))
 
     lams, rejected = [0.0] * s.nfe, 0
     with torch.no_grad():

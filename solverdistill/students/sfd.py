@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .. import grids
+from .. import distributed, grids
 from ..artifacts import Artifact, new_meta
 from ..errors import BadInput
 from ..solvers import Plan
@@ -147,11 +147,21 @@ def fit(
         set_step(student, nfe if s.variable else None)
         grid = student_grid(s, model, nfe)
         idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
+        # Under torchrun the global batch is split over the ranks and gradients averaged by share (what
+        # DistributedDataParallel does), so every rank holds the same network after every step.
+        idx, share = distributed.shard(idx), len(idx)
         x, cond = cache.start(idx, model)
         targets = cache.states_at(idx, grid[1:].numpy(), dtype=x.dtype, device=x.device)
         total = 0.0
 
-        def train_step(k: int, sigma_next: float, out: torch.Tensor, targets: torch.Tensor = targets) -> bool:
+        def train_step(
+            k: int,
+            sigma_next: float,
+            out: torch.Tensor,
+            targets: torch.Tensor = targets,
+            rows: int = len(idx),
+            share: int = share,
+        ) -> bool:
             """After student step k: L1 to the teacher, one Adam step; always cut the graph (the next step
             starts from the student's own detached state)."""
             nonlocal total, cleaned
@@ -160,6 +170,7 @@ def fit(
             loss = (out - targets[:, k]).abs().flatten(1).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients([p.grad for p in net.parameters() if p.grad is not None], rows, share)
             for p in net.parameters():
                 if p.grad is not None and not torch.isfinite(p.grad).all():
                     cleaned += 1
