@@ -339,3 +339,43 @@ def test_interrupt_releases_the_lock_and_records_only_finished_shards(tmp_path, 
     assert cli("cache", "info", c, "--verify").exit_code == 0
     monkeypatch.setattr(run_mod, "integrate_batch", real)
     assert run_teacher(rec).generated == 8
+
+
+def test_store_every_keeps_a_sub_grid_and_interpolates_across_it(tmp_path):
+    full = load_recipe(write_recipe(tmp_path / "a.yaml", tmp_path / "a", steps=62, num_samples=4))
+    sub = load_recipe(write_recipe(tmp_path / "b.yaml", tmp_path / "b", steps=62, num_samples=4, store_every=4))
+    run_teacher(full)
+    run_teacher(sub)
+    a, b = TeacherCache.open(tmp_path / "a"), TeacherCache.open(tmp_path / "b")
+    keep = [*range(0, 62, 4), 62]  # every 4th point and the last
+    assert b.spec["store_every"] == 4 and np.array_equal(b.sigmas, a.sigmas[keep])
+    assert np.array_equal(b.get("x", range(4)), a.get("x", range(4))[:, keep])
+    assert np.array_equal(b.get("denoised", range(4)), a.get("denoised", range(4))[:, keep])
+    # Between stored points the Hermite reader still follows the trajectory (the gaps are the only difference).
+    q = a.sigmas[1:62]
+    exact, read = a.states_at(range(4), q, dtype=torch.float64), b.states_at(range(4), q, dtype=torch.float64)
+    err = (exact - read).flatten(2).norm(dim=2) / exact.flatten(2).norm(dim=2)
+    assert 0 < float(err.max()) < 0.05, float(err.max())
+    assert "every 4th point" in dict(b.summary())["grid"]
+    # Another store_every is another cache (named in the message).
+    other = load_recipe(write_recipe(tmp_path / "c.yaml", tmp_path / "a", steps=62, num_samples=4, store_every=2))
+    with pytest.raises(BadInput, match="store_every"):
+        prepare_teacher(other)
+
+
+def test_teacher_prints_its_size_and_refuses_a_disk_too_small(tmp_path, cli, monkeypatch):
+    import shutil as shutil_mod
+
+    rec = write_recipe(tmp_path / "r.yaml", tmp_path / "c", steps=4, num_samples=6)
+    real = shutil_mod.disk_usage
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda p: real(p)._replace(free=1000))
+    r = cli("teacher", rec, "--quiet")
+    assert r.exit_code == 2 and "needs" in r.output and "1000 bytes" not in r.output and "--force" in r.output
+    assert not list((tmp_path / "c").glob("shard-*")) and not (tmp_path / "c" / "writer.lock").exists()
+    r = cli("teacher", rec, "--quiet", "--force")
+    assert r.exit_code == 0, r.output
+    assert "the cache takes" in r.output and "bytes per sample" in r.output
+    cache = TeacherCache.open(tmp_path / "c")
+    assert f"{cache.disk_bytes() / 6:,.0f} bytes per sample" in r.output  # the estimate is the real size
+    r = cli("cache", "info", tmp_path / "c", "--batch", 4)
+    assert r.exit_code == 0 and "bytes per sample" in r.output and "samples/s" in r.output
