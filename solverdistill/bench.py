@@ -82,10 +82,12 @@ def sampling_overhead(model: Denoiser, solver: Solver, nfe: int, batch: int, bat
 
 def teacher_overhead(spec: str, num: int, steps: int, repeats: int = 3) -> dict:
     """Median `teacher` wall time with writing / without, on a fresh cache each repeat."""
+    from . import distributed
     from .recipes import load_recipe
     from .teacher.run import run_teacher
 
-    tmp = tempfile.mkdtemp()
+    # Under torchrun the ranks share one cache folder (rank 0's), as `sdistill teacher` does.
+    tmp = distributed.broadcast_object(tempfile.mkdtemp() if distributed.is_main() else None)
     try:
         path = Path(tmp) / "r.yaml"
         path.write_text(
@@ -96,14 +98,17 @@ def teacher_overhead(spec: str, num: int, steps: int, repeats: int = 3) -> dict:
         times = {"write": [], "no_write": []}
         for _ in range(repeats):
             for mode in ("no_write", "write"):
-                shutil.rmtree(f"{tmp}/cache", ignore_errors=True)
+                if distributed.is_main():
+                    shutil.rmtree(f"{tmp}/cache", ignore_errors=True)
+                distributed.barrier()
                 t0 = time.perf_counter()
                 run_teacher(recipe, write=(mode == "write"))
                 times[mode].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         return {"model": spec, "samples": num, "steps": steps, "median_s": med, "ratio": med["write"] / med["no_write"]}
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fid_throughput(inception: str | None, device: torch.device, batch: int, batches: int = 8) -> dict:
@@ -273,7 +278,11 @@ def render(report: dict) -> str:
 
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
-    """report.md and report.json in `out_dir`."""
+    """report.md and report.json in `out_dir` (by rank 0 alone under torchrun)."""
+    from . import distributed
+
+    if not distributed.is_main():
+        return out_dir / "report.md", out_dir / "report.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     (out_dir / "report.md").write_text(render(report))

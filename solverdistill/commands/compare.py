@@ -157,8 +157,12 @@ def table(comp, metric: str, names: list[str], nfes: list[int]) -> Table:
 
 
 def write_outputs(comp, json_path=None, csv_path=None, plot_path=None, grid_path=None) -> list[Path]:
-    """The rows as JSON and CSV, the plot and the image grid, where asked for."""
+    """The rows as JSON and CSV, the plot and the image grid, where asked for (by rank 0 under torchrun)."""
+    from .. import distributed
     from ..images import as_images, image_grid, label_rows, save_png
+
+    if not distributed.is_main():
+        return []
 
     written = []
     try:
