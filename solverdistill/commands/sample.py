@@ -48,9 +48,18 @@ def command(
         False, "--round-timesteps", help="diffusers models: snap t(sigma) to integers (default: fractional)."
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    protocol: str = typer.Option(
+        "default", "--protocol", help="Run the handcrafted solver as a code base does: default or diff-sampler."
+    ),
 ):
     """Sample with a handcrafted solver or a distilled artifact; write samples.npz (+ grid.png/scatter.png)."""
+    from ..errors import BadInput
     from ..samples import run_sample, with_options
+    from ..solvers import with_protocol
+
+    if with_protocol(solver, protocol) == solver and protocol != "default":
+        raise BadInput(f"--protocol: applies to handcrafted solvers, not {solver!r}")
+    solver = with_protocol(solver, protocol)
 
     model = with_options(
         model,
