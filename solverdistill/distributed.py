@@ -67,6 +67,7 @@ def init() -> World:
         from .commands.console import err, out
 
         err.quiet = out.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (results are rank 0's; plain print() included)
     return w
 
 

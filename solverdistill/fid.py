@@ -53,6 +53,22 @@ class FeatureStats:
         self.s1 += f.sum(0)
         self.s2 += f.T @ f
 
+    def reduced(self) -> FeatureStats:
+        """The sums over every torchrun rank (this object itself in one process): docs/distributed.md."""
+        from . import distributed
+
+        if not distributed.active():
+            return self
+        dims = [d for d in distributed.gather_objects(None if self.s1 is None else len(self.s1)) if d is not None]
+        if not dims:
+            return self
+        if self.s1 is None:  # a rank that got no batch adds zeros
+            self._alloc(dims[0])
+        out = FeatureStats()
+        out.n = int(distributed.all_sum(torch.tensor(float(self.n))).item())
+        out.s1, out.s2 = distributed.all_sum(self.s1), distributed.all_sum(self.s2)
+        return out
+
     def merge(self, other: FeatureStats) -> FeatureStats:
         out = FeatureStats()
         out.n, out.s1, out.s2 = self.n + other.n, self.s1 + other.s1, self.s2 + other.s2
@@ -383,20 +399,25 @@ def compute_stats(
 ) -> FeatureStats:
     if features == "digits":
         return digit_stats(prefetch(iter_float_images(source, batch)), progress)[0]
+    from .distributed import rank_size
+
+    rank, size = rank_size()  # under torchrun each rank measures every size-th batch; the sums are reduced
     stats = FeatureStats()
     if features == "pixels":
         batches = prefetch(iter_pixels(source, batch))
-        for f in batches:
-            stats.update(f)
+        for i, f in enumerate(batches):
+            if i % size == rank:
+                stats.update(f)
             if progress:
                 progress(f.shape[0])
-        return stats
+        return stats.reduced()
     net = InceptionFeatures(inception_path(inception), mode, device)
-    for u8 in prefetch(iter_images(source, batch)):
-        stats.update(net(u8))
+    for i, u8 in enumerate(prefetch(iter_images(source, batch))):
+        if i % size == rank:
+            stats.update(net(u8))
         if progress:
             progress(u8.shape[0])
-    return stats
+    return stats.reduced()
 
 
 def reference_stats(

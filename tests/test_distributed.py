@@ -4,6 +4,7 @@ README documents it (program arguments after `--`), against one process with the
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -222,3 +223,15 @@ def test_dode_and_dlms_fit_the_same_on_two_ranks_as_one_process(tmp_path, recipe
             assert np.allclose(ranks[0][k], one[k], rtol=1e-4, atol=1e-5), (method, k)
         if method == "dode":
             assert np.abs(one["lambdas"]).max() > 0  # something was fitted
+
+
+def test_fid_on_two_ranks_equals_one_process(tmp_path):
+    sample = ["sample", "--model", "gmm:tiny", "--solver", "dpm++2m", "--nfe", 4, "--num", 40, "--quiet"]
+    assert one_process(*sample, "--out", tmp_path / "s", cwd=tmp_path).returncode == 0
+    fid = ["fid", tmp_path / "s" / "samples.npz", "--ref", "gmm:tiny", "--features", "pixels", "--batch", 8]
+    one = one_process(*fid, cwd=tmp_path)
+    two = torchrun(2, *fid, cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stdout + two.stderr
+    number = re.compile(r"[-+]?\d+\.\d+(?:e[-+]?\d+)?")
+    a, b = [float(x) for x in number.findall(one.stdout)], [float(x) for x in number.findall(two.stdout)]
+    assert a and len(a) == len(b) and np.allclose(a, b, rtol=1e-9), (one.stdout, two.stdout)
