@@ -55,6 +55,11 @@ def command(
     ),
     inception: Optional[str] = typer.Option(None, "--inception", help="Inception weights for --metric fid."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    protocol: Optional[str] = typer.Option(
+        None,
+        "--protocol",
+        help="Run the handcrafted solvers as a code base does: default or diff-sampler (default: the recipe's).",
+    ),
 ):
     """Compare solvers across NFEs on the same seeds (needs --recipe or --model): tables, acceleration ratios, plots.
 
@@ -65,11 +70,15 @@ def command(
     from ..comparison import Comparison, run_compare
     from ..npzfiles import check_output
     from ..recipes import load_recipe
+    from ..solvers import with_protocol
 
     names = parse_list(solvers_, "--solvers")
     nfes = parse_list(nfe, "--nfe", int)
     metrics = parse_list(metric, "--metric")
     rec = load_recipe(recipe) if recipe else None
+    # Handcrafted names become NAME@PROTOCOL: their rows say which protocol ran them.
+    chosen = protocol or (rec.protocol if rec is not None else "default")
+    names = [with_protocol(name, chosen) for name in names]
     folders = (
         [Path(p) for p in parse_list(artifacts_dir, "--artifacts")] if artifacts_dir else [Path("out"), Path("solvers")]
     )
