@@ -85,6 +85,8 @@ class Recipe:
     student: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     output: str = ""
+    # How handcrafted baselines run (docs/solvers.md "Protocols"): default or diff-sampler.
+    protocol: str = field(default="default", metadata=_check(choices=("default", "diff-sampler")))
     path: str = field(default="", metadata=_check(internal=True))
 
     def cache_dir(self) -> Path:
