@@ -1,6 +1,7 @@
 """solverdistill.solvers: the handcrafted solvers (tables.py, singlestep.py), plans and sweeps (__init__.py), the
 stepping core (multistep.py) and the Step payload every solver reports (base.py)."""
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from solverdistill import grids, solvers
 from solverdistill.errors import BadInput
 from solverdistill.generate import CountingDenoiser
+from solverdistill.recipes import load_recipe
 from solverdistill.solvers import Plan, Solver, plan, sweep
 from solverdistill.solvers.base import Step, afs_denoised
 from solverdistill.solvers.multistep import CoefficientSource, TableSource, Weights, combine, run_multistep
@@ -355,6 +357,27 @@ def test_protocol_after_the_name_is_the_protocol_argument(tiny64, noise):
     for other in ("dlms", "out/x.npz", "nope"):
         assert solvers.with_protocol(other, "diff-sampler") == other
     assert solvers.with_protocol("unipc", "default") == "unipc"
+
+
+def test_protocol_flags_on_sample_and_compare_and_the_recipe_key(tiny64, tmp_path, cli, recipe_file):
+    r = cli("sample", "--model", "gmm:tiny", "--solver", "dpm++", "--nfe", 5, "--num", 3, "--out", tmp_path / "s",
+            "--quiet", "--protocol", "diff-sampler")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert json.loads(str(f["meta"][()]))["protocol"] == "diff-sampler"
+    r = cli("sample", "--model", "gmm:tiny", "--protocol", "nope", "--out", tmp_path / "s", "--quiet")
+    assert r.exit_code == 2 and "--protocol" in r.output
+    r = cli("compare", "--model", "gmm:tiny", "--solvers", "dpm++,euler+afs", "--nfe", 4, "--num", 8, "--quiet",
+            "--protocol", "diff-sampler", "--json", tmp_path / "c.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert {row["solver"] for row in rows} == {"dpm++@diff-sampler", "euler@diff-sampler+afs"}
+    recipe = recipe_file(tmp_path / "r.yaml", teacher={"steps": 4})
+    recipe.write_text(recipe.read_text() + "protocol: diff-sampler\n")
+    assert load_recipe(recipe).protocol == "diff-sampler"
+    recipe.write_text(recipe.read_text().replace("protocol: diff-sampler", "protocol: k-diffusion"))
+    with pytest.raises(BadInput, match="protocol"):
+        load_recipe(recipe)
 
 
 # --- tables --------------------------------------------------------------------------------------------------------
