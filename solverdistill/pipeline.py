@@ -162,6 +162,7 @@ def handcrafted_curve(
     target: float,
     upto: int = 4,
     progress: Callable[..., Any] | None = None,
+    protocol: str = "default",
 ) -> dict[int, float]:
     """The best handcrafted held-out RMSE by NFE (every handcrafted solver, with and without AFS), from `nfe`
     (`base`: their errors there) upwards until it reaches `target` (the student's error) or `upto` times `nfe`."""
@@ -169,7 +170,7 @@ def handcrafted_curve(
     for m in curve_nfes(nfe, upto):
         if curve[max(curve)] <= target:
             break
-        curve[m] = min(heldout_rmse(p, model, cache, held) for p in sweep(m, model).values())
+        curve[m] = min(heldout_rmse(p, model, cache, held) for p in sweep(m, model, protocol).values())
         if progress:
             progress(1, info=f"NFE {m}")
     return curve
@@ -220,7 +221,7 @@ def distill(
         artifact = method.fit(cache, model, s_cfg, t_cfg, progress=bar)
     artifact.meta["teacher"] = {k: v for k, v in cache.spec.items() if k != "grid"} | {"steps": cache.steps}
     try:
-        plans = sweep(s_cfg.nfe, model)
+        plans = sweep(s_cfg.nfe, model, recipe.protocol)  # baselines run as the recipe's protocol says
         # On a real network the evaluation is minutes of its own: every handcrafted solver on the held-out seeds.
         with progress_factory(2 + len(plans), f"held-out evaluation ({len(held)} trajectories)") as bar:
             student_rmse = heldout_rmse(method.load(artifact, model), model, cache, held)
@@ -234,7 +235,9 @@ def distill(
         best = min(base, key=base.get)
         larger = curve_nfes(s_cfg.nfe)
         with progress_factory(len(larger), "acceleration: every handcrafted solver at larger NFEs") as bar:
-            curve = handcrafted_curve(s_cfg.nfe, base, model, cache, held, student_rmse, progress=bar)
+            curve = handcrafted_curve(
+                s_cfg.nfe, base, model, cache, held, student_rmse, progress=bar, protocol=recipe.protocol
+            )
         ratio = acceleration_ratio(student_rmse, s_cfg.nfe, curve)
     except BaseException:  # Ctrl-C or a failure while measuring: the fitted student is kept
         if distributed.is_main():
@@ -252,6 +255,7 @@ def distill(
         # (docs/evaluation.md); None: not reached by the largest NFE measured (best_handcrafted_by_nfe).
         "acceleration": None if math.isinf(ratio) else ratio,
         "best_handcrafted_by_nfe": {str(k): v for k, v in curve.items()},
+        "protocol": recipe.protocol,  # how the handcrafted baselines ran
     }
     teacher_nfe = cache.steps * get_solver(cache.spec["solver"]).calls_per_step + 1
     artifact.meta["cost"] = {
