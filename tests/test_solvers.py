@@ -380,6 +380,23 @@ def test_protocol_flags_on_sample_and_compare_and_the_recipe_key(tiny64, tmp_pat
         load_recipe(recipe)
 
 
+def test_distill_runs_its_baselines_as_the_recipe_protocol_says(tmp_path, cli, recipe_file):
+    recipe = recipe_file(
+        tmp_path / "r.yaml",
+        output=tmp_path / "a.npz",
+        teacher={"steps": 16, "num_samples": 24, "batch": 12, "cache": str(tmp_path / "c")},
+        student={"method": "dode", "nfe": 3, "base": "euler"},
+        train={"samples": 12, "heldout": 10, "device": "cpu"},
+    )
+    recipe.write_text(recipe.read_text() + "protocol: diff-sampler\n")
+    for args in (["teacher", recipe, "--quiet"], ["distill", recipe, "--quiet"]):
+        r = cli(*args)
+        assert r.exit_code == 0, r.output
+    from solverdistill import artifacts
+
+    assert artifacts.load(tmp_path / "a.npz").meta["metrics"]["protocol"] == "diff-sampler"
+
+
 # --- tables --------------------------------------------------------------------------------------------------------
 
 
