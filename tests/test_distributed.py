@@ -47,11 +47,14 @@ def make():
 """
 
 
-def torchrun(n: int, *args, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N -m solverdistill -- ARGS` (this host needs --local-addr: its
-    name does not resolve)."""
+def torchrun(
+    n: int, *args, cwd: Path, env: dict | None = None, timeout: float = 120, script: bool = False
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N -m solverdistill -- ARGS`, or with `script` the installed
+    `$(command -v sdistill) -- ARGS` (this host needs --local-addr: its name does not resolve)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1"]
-    cmd += [f"--nproc_per_node={n}", "-m", "solverdistill", "--", *map(str, args)]
+    program = [str(Path(sys.executable).parent / "sdistill")] if script else ["-m", "solverdistill"]
+    cmd += [f"--nproc_per_node={n}", *program, "--", *map(str, args)]
     full = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
@@ -112,7 +115,7 @@ def test_teacher_and_sample_on_two_ranks_equal_one_process(tmp_path, recipe_file
     sample = ["sample", "--model", "gmm:tiny", "--solver", "dpm++2m", "--nfe", 5, "--num", 7, "--batch", 3]
     r = one_process(*sample, "--out", tmp_path / "s1", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = torchrun(2, *sample, "--out", tmp_path / "s2", "--quiet", cwd=tmp_path)
+    r = torchrun(2, *sample, "--out", tmp_path / "s2", "--quiet", cwd=tmp_path, script=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert filecmp.cmp(tmp_path / "s1" / "samples.npz", tmp_path / "s2" / "samples.npz", shallow=False)
 
