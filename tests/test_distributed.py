@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from solverdistill import distributed
 from solverdistill.teacher.cache import TeacherCache
@@ -251,3 +252,22 @@ def test_fid_on_two_ranks_equals_one_process(tmp_path):
     number = re.compile(r"[-+]?\d+\.\d+(?:e[-+]?\d+)?")
     a, b = [float(x) for x in number.findall(one.stdout)], [float(x) for x in number.findall(two.stdout)]
     assert a and len(a) == len(b) and np.allclose(a, b, rtol=1e-9), (one.stdout, two.stdout)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (nccl: one GPU per rank)")
+def test_sample_and_teacher_over_nccl_equal_one_gpu(tmp_path, recipe_file):
+    sample = ["sample", "--model", "gmm:tiny", "--solver", "dpm++2m", "--nfe", 5, "--num", 9, "--device", "cuda"]
+    assert one_process(*sample, "--out", tmp_path / "s1", "--quiet", cwd=tmp_path).returncode == 0
+    r = torchrun(2, *sample, "--out", tmp_path / "s2", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Other batch shapes on a GPU may pick other kernels: equal to float error, the noise exactly.
+    a, b = (np.load(tmp_path / s / "samples.npz", allow_pickle=False) for s in ("s1", "s2"))
+    assert np.array_equal(a["z"], b["z"]) and np.allclose(a["x"], b["x"], rtol=1e-5, atol=1e-5)
+    teacher = {**TEACHER, "device": "cuda"}
+    one = recipe_file(tmp_path / "one.yaml", teacher={**teacher, "cache": str(tmp_path / "c1")})
+    two = recipe_file(tmp_path / "two.yaml", teacher={**teacher, "cache": str(tmp_path / "c2")})
+    assert one_process("teacher", one, "--quiet", cwd=tmp_path).returncode == 0
+    r = torchrun(2, "teacher", two, "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    same_tree(tmp_path / "c1", tmp_path / "c2")
