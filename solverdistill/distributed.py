@@ -134,6 +134,19 @@ def average_gradients(grads: Sequence[torch.Tensor], rows: int, total: int) -> N
     all_mean_(grads)
 
 
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """The module wrapped in DistributedDataParallel under torchrun (its gradients averaged over ranks during
+    backward), the module itself in one process. Parameters a forward leaves unused (a step or class embedding
+    fed None) are allowed; on a GPU the module's own device is the rank's."""
+    if not active():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(module.parameters()).device
+    ids = [dev] if dev.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's contiguous share of `items` (seeds): rank r gets the r-th of `size` near-equal blocks, so
     concatenating the shares in rank order gives `items` back."""

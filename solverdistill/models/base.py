@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,6 +59,32 @@ class Denoiser:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def route_calls(self, call: Callable[..., Any]) -> None:
+        """Calls of `self.net` go through `call` from now on (SFD under torchrun: the network's
+        DistributedDataParallel wrapper), reads and writes of its attributes still reach the network. Used on a
+        fine-tuning copy only (docs/distributed.md "SFD and DistributedDataParallel")."""
+        if self.net is not None:
+            self.net = RoutedNet(self.net, call)
+
+
+class RoutedNet:
+    """A network whose calls go through another callable (its DistributedDataParallel wrapper, which runs the
+    network's own forward) while every attribute (`bottleneck`, `num_classes`, `step_condition`, submodules) is
+    the network's: DDP itself forwards only calls, not attributes."""
+
+    def __init__(self, module: torch.nn.Module, call: Callable[..., Any]) -> None:
+        object.__setattr__(self, "module", module)
+        object.__setattr__(self, "_call", call)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.module, name, value)
+
 
 class Wrapped(Denoiser):
     """A user's object (a `python:` factory's result, a torch module) with the seam's metadata beside it."""
@@ -83,6 +110,18 @@ class Wrapped(Denoiser):
         if name == "obj":
             raise AttributeError(name)
         return getattr(self.obj, name)
+
+    def route_calls(self, call: Callable[..., Any]) -> None:
+        """As Denoiser.route_calls, where the user's object calls its network: the object itself when it is the
+        torch module, else its own `net`."""
+        if self.net is None:
+            return
+        routed = RoutedNet(self.net, call)
+        if self.obj is self.net:
+            self.obj = routed
+        else:
+            self.obj.net = routed
+        self.net = routed
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Wrapped:
         if isinstance(self.obj, torch.nn.Module):

@@ -135,7 +135,19 @@ def fit(
     net = student.net.train().requires_grad_(True)
     ema = copy.deepcopy(net).requires_grad_(False) if t.ema else None
     opt = torch.optim.Adam(net.parameters(), lr=t.lr, betas=(0.9, 0.999))
+    # Under torchrun the network runs wrapped in DistributedDataParallel, which averages its gradients over the
+    # ranks during backward; the student calls the wrapper and still reads the network's attributes. One
+    # process: no wrapper, the network as is.
+    wrapped = distributed.data_parallel(net)
+    if wrapped is not net:
+        student.route_calls(wrapped)
     train_idx, _ = cache.split(t.samples, t.heldout)
+    size = distributed.rank_size()[1]
+    if min(t.batch, len(train_idx)) < size:
+        raise BadInput(
+            f"train.batch: the global batch ({min(t.batch, len(train_idx))} rows) is split over {size} ranks; "
+            f"expected at least one row per rank"
+        )
     rng = np.random.default_rng(t.seed)
     torch.manual_seed(t.seed)
     losses, cleaned = [], 0
@@ -147,8 +159,7 @@ def fit(
         set_step(student, nfe if s.variable else None)
         grid = student_grid(s, model, nfe)
         idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
-        # Under torchrun the global batch is split over the ranks and gradients averaged by share (what
-        # DistributedDataParallel does), so every rank holds the same network after every step.
+        # Under torchrun the global batch is split over the ranks, a block per rank (docs/distributed.md).
         idx, share = distributed.shard(idx), len(idx)
         x, cond = cache.start(idx, model)
         targets = cache.states_at(idx, grid[1:].numpy(), dtype=x.dtype, device=x.device)
@@ -167,10 +178,14 @@ def fit(
             nonlocal total, cleaned
             if s.afs and k == 0:  # no network in the AFS step: nothing to train
                 return True
-            loss = (out - targets[:, k]).abs().flatten(1).sum(1).mean()
+            per_row = (out - targets[:, k]).abs().flatten(1).sum(1)
+            loss = per_row.mean()
+            if size > 1:
+                # DDP averages the ranks' gradients equally; weighting this rank's mean by rows * size / global
+                # rows makes that average the gradient of the mean over the global batch (unequal shares too).
+                loss = loss * (rows * size / share)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            distributed.average_gradients([p.grad for p in net.parameters() if p.grad is not None], rows, share)
             for p in net.parameters():
                 if p.grad is not None and not torch.isfinite(p.grad).all():
                     cleaned += 1
@@ -180,7 +195,7 @@ def fit(
                 with torch.no_grad():
                     for pe, p in zip(ema.parameters(), net.parameters()):
                         pe.lerp_(p, 1 - t.ema)
-            total += float(loss.detach())
+            total += float(per_row.detach().mean())  # this rank's own mean (rank 0 reports it)
             return True
 
         euler = euler_plan(s, grid, nfe)
