@@ -199,3 +199,29 @@ def test_sfd_euler_is_the_handcrafted_euler_with_afs(fitted):
     x = torch.randn(3, *model.shape) * 80.0
     with torch.no_grad():
         assert torch.allclose(solver.solve(model, x), p.solve(model, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["python:tinytoy:make", "python:tinytoy:plain"])
+def test_routed_calls_go_through_the_wrapper_and_attributes_reach_the_network(toy, spec):
+    """The seam SFD uses under torchrun (DistributedDataParallel forwards calls only): after route_calls every
+    network call goes through the given callable, and attributes are read from and written to the network."""
+    den = resolve(spec)
+    module = den.net
+    x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([1.0, 2.0])
+    with torch.no_grad():
+        before = den(x, sigma)
+    calls = []
+
+    def through(*args, **kwargs):
+        calls.append(len(args))
+        return module(*args, **kwargs)
+
+    den.route_calls(through)
+    with torch.no_grad():
+        after = den(x, sigma)
+    assert calls and torch.equal(before, after)
+    assert den.net.module is module and dict(den.net.named_parameters()) == dict(module.named_parameters())
+    den.net.step_condition = 3  # a write reaches the network itself
+    assert module.step_condition == 3
+    if spec.endswith(":make"):  # ToyDenoiser reads the bottleneck the network kept in its forward
+        assert den.net.bottleneck is module.bottleneck is not None
