@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import __version__, artifacts, students
-from .evaluation import acceleration_ratio, heldout_rmse
+from . import __version__, artifacts, distributed, students
+from .evaluation import acceleration_ratio, cache_endpoints, rmse
 from .generate import generate, initial_noise
 from .pipeline import ProgressFactory, Say, no_progress, open_workspace
 from .solvers import SOLVERS, plan, sweep
@@ -33,10 +33,11 @@ from .solvers import SOLVERS, plan, sweep
 if TYPE_CHECKING:
     from .models.base import Denoiser
     from .solvers.base import Solver
+    from .teacher.cache import TeacherCache
 
 
 def machine(device: torch.device) -> dict:
-    """Platform, Python, torch, CPU count and threads, and the GPU's name on CUDA."""
+    """Platform, Python, torch, CPU count and threads, the GPU's name on CUDA, and the number of torchrun ranks."""
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -44,6 +45,7 @@ def machine(device: torch.device) -> dict:
         "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
+        "processes": distributed.rank_size()[1],  # torchrun ranks: the timings are of the split runs
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -55,23 +57,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def heldout_rmse(solver: Solver, model: Denoiser, cache: TeacherCache, held: np.ndarray) -> float:
+    """Endpoint RMSE on the held-out seeds (evaluation.heldout_rmse); under torchrun each rank solves its block
+    of the seeds and the endpoints are gathered in seed order, so the figure is one process's."""
+    mine = np.asarray(distributed.shard(held), dtype=held.dtype) if distributed.active() else held
+    ends = (
+        cache_endpoints(solver, model, cache, mine)
+        if len(mine)
+        else torch.empty((0, *model.shape), dtype=torch.float64)
+    )
+    return rmse(distributed.gather_rows(ends), cache.endpoints(held))
+
+
 def sampling_overhead(model: Denoiser, solver: Solver, nfe: int, batch: int, batches: int, repeats: int = 5) -> dict:
-    """Median over alternating repeats of (full sampling run) / (the same number of bare denoiser calls)."""
+    """Median over alternating repeats of (full sampling run) / (the same number of bare denoiser calls).
+    Under torchrun `generate` runs this rank's block of the seeds, so the bare calls run on the same block (in
+    the same batch sizes); both timings end when every rank is done."""
     seeds = list(range(batch * batches))
+    mine = distributed.shard(seeds)
+    sizes = [len(mine[i : i + batch]) for i in range(0, len(mine), batch)]
     z = initial_noise(seeds[:batch], model.shape, model.dtype, model.device) * model.sigma_max
     sig = torch.full((batch,), 1.0, dtype=model.dtype, device=model.device)
     full, bare = [], []
     for _ in range(repeats):
         _sync(model.device)
+        distributed.barrier()
         t0 = time.perf_counter()
         generate(model, solver, seeds, batch=batch)
         _sync(model.device)
         full.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         with torch.no_grad():
-            for _ in range(batches * nfe):
-                model(z, sig)
+            for n in sizes:
+                for _ in range(nfe):
+                    model(z[:n], sig[:n])
         _sync(model.device)
+        distributed.barrier()
         bare.append(time.perf_counter() - t0)
     return {
         "full_s": statistics.median(full),
@@ -82,7 +103,6 @@ def sampling_overhead(model: Denoiser, solver: Solver, nfe: int, batch: int, bat
 
 def teacher_overhead(spec: str, num: int, steps: int, repeats: int = 3) -> dict:
     """Median `teacher` wall time with writing / without, on a fresh cache each repeat."""
-    from . import distributed
     from .recipes import load_recipe
     from .teacher.run import run_teacher
 
@@ -90,10 +110,12 @@ def teacher_overhead(spec: str, num: int, steps: int, repeats: int = 3) -> dict:
     tmp = distributed.broadcast_object(tempfile.mkdtemp() if distributed.is_main() else None)
     try:
         path = Path(tmp) / "r.yaml"
-        path.write_text(
-            f"name: bench\nmodel: {{spec: '{spec}'}}\nteacher: {{steps: {steps}, num_samples: {num}, "
-            f"batch: 64, shard_size: 128, cache: '{tmp}/cache'}}\n"
-        )
+        if distributed.is_main():  # one writer: another rank reading a half-written recipe would fail
+            path.write_text(
+                f"name: bench\nmodel: {{spec: '{spec}'}}\nteacher: {{steps: {steps}, num_samples: {num}, "
+                f"batch: 64, shard_size: 128, cache: '{tmp}/cache'}}\n"
+            )
+        distributed.barrier()
         recipe = load_recipe(path)
         times = {"write": [], "no_write": []}
         for _ in range(repeats):
@@ -105,6 +127,7 @@ def teacher_overhead(spec: str, num: int, steps: int, repeats: int = 3) -> dict:
                 run_teacher(recipe, write=(mode == "write"))
                 times[mode].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
+        distributed.barrier()  # every rank done with the folder before rank 0 removes it
         return {"model": spec, "samples": num, "steps": steps, "median_s": med, "ratio": med["write"] / med["no_write"]}
     finally:
         if distributed.is_main():
@@ -218,11 +241,13 @@ def run_bench(
 def render(report: dict) -> str:
     """The report as Markdown."""
     m = report["machine"]
+    ranks = f", {m['processes']} processes (torchrun)" if m.get("processes", 1) > 1 else ""
     lines = [
         f"# sdistill bench ({report['version']})",
         "",
         f"Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']} ({m['threads']} threads), "
-        f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}.",
+        f"device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}"
+        f"{ranks}.",
         f"Model {report['model']}; {report['settings']['heldout_seeds']} held-out seeds; teacher "
         f"{report['settings']['teacher']}.",
         "",
@@ -279,8 +304,6 @@ def render(report: dict) -> str:
 
 def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     """report.md and report.json in `out_dir` (by rank 0 alone under torchrun)."""
-    from . import distributed
-
     if not distributed.is_main():
         return out_dir / "report.md", out_dir / "report.json"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -254,6 +254,20 @@ def test_fid_on_two_ranks_equals_one_process(tmp_path):
     assert a and len(a) == len(b) and np.allclose(a, b, rtol=1e-9), (one.stdout, two.stdout)
 
 
+def test_bench_on_two_ranks_reports_the_quality_of_one_process(tmp_path, recipe_file):
+    teacher = {"steps": 8, "num_samples": 16, "batch": 8, "cache": str(tmp_path / "c")}
+    rec = recipe_file(tmp_path / "r.yaml", teacher=teacher)
+    assert one_process("teacher", rec, "--quiet", cwd=tmp_path).returncode == 0
+    bench = ["bench", "--recipe", rec, "--num", 7, "--quick", "--quiet", "--device", "cpu", "--out"]
+    one = one_process(*bench, tmp_path / "one", cwd=tmp_path)
+    two = torchrun(2, *bench, tmp_path / "two", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stdout + two.stderr
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert a["quality"] == b["quality"]  # 7 held-out seeds split 3 + 4, endpoints gathered: the same figures
+    assert a["machine"]["processes"] == 1 and b["machine"]["processes"] == 2
+    assert "2 processes (torchrun)" in two.stdout and "report.md" in two.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (nccl: one GPU per rank)")
 def test_sample_and_teacher_over_nccl_equal_one_gpu(tmp_path, recipe_file):
