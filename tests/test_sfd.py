@@ -225,3 +225,16 @@ def test_routed_calls_go_through_the_wrapper_and_attributes_reach_the_network(to
     assert module.step_condition == 3
     if spec.endswith(":make"):  # ToyDenoiser reads the bottleneck the network kept in its forward
         assert den.net.bottleneck is module.bottleneck is not None
+
+
+def test_a_global_batch_smaller_than_the_world_is_refused(toy, monkeypatch):
+    """Under torchrun every rank needs a row of the global batch (DDP waits for every rank's backward)."""
+    from solverdistill import distributed
+
+    rec = load_recipe(toy / "r.yaml")
+    method = students.get("sfd")
+    s, t = method.configs(rec.student, rec.train)
+    t.batch = 1
+    monkeypatch.setattr(distributed, "rank_size", lambda: (0, 2))
+    with pytest.raises(BadInput, match="train.batch"):
+        method.fit(TeacherCache.open(rec.cache_dir()), resolve(rec.model.spec), s, t)
