@@ -265,7 +265,7 @@ def test_bench_on_two_ranks_reports_the_quality_of_one_process(tmp_path, recipe_
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert a["quality"] == b["quality"]  # 7 held-out seeds split 3 + 4, endpoints gathered: the same figures
     assert a["machine"]["processes"] == 1 and b["machine"]["processes"] == 2
-    assert "2 processes (torchrun)" in two.stdout and "report.md" in two.stdout
+    assert "2 processes (torchrun)" in two.stdout and "2 processes" in (tmp_path / "two" / "report.md").read_text()
 
 
 @pytest.mark.gpu
