@@ -179,6 +179,9 @@ class Resolver:
     def check(self, cells: list[Cell]) -> None:
         """Every student that must be distilled can be (a recipe, a writable output, valid settings), or one
         message naming them all and what to run; otherwise say up front what will be distilled."""
+        for c in cells:  # a method name stands for an artifact found in the folders: say which one
+            if c.kind == "student" and not c.distill and c.name == c.method:
+                self.say(f"{c.name} at NFE {c.nfe}: {c.path}")
         missing = [c for c in cells if c.distill]
         if not missing:
             return

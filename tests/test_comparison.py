@@ -208,6 +208,7 @@ def test_compare_with_recipe_uses_cache_and_artifacts(tmp_path, cli, recipe_file
         "--quiet",
     )
     assert r.exit_code == 0 and "distilling" not in r.output
+    assert f"dode at NFE 3: {tmp_path / 'arts'}" in r.output  # which found artifact stands for the name
 
 
 @pytest.mark.parametrize(
