@@ -58,9 +58,9 @@ def ensure_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".sdistill-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A probe of its own name: torchrun ranks check the same folder at once (a shared name raced).
+        with tempfile.TemporaryFile(dir=p):
+            pass
     except OSError as e:
         raise BadInput(f"{flag}: cannot write to {str(p)!r}: {e.strerror or e}") from None
     return p

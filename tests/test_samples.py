@@ -195,6 +195,15 @@ def test_ensure_dir(tmp_path):
         ensure_dir(tmp_path / "f" / "sub", "--grid")
 
 
+def test_ensure_dir_from_many_processes_at_once(tmp_path):
+    """torchrun ranks check the same --out folder together: no rank may remove another's write probe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(lambda _: ensure_dir(tmp_path / "out"), range(400)))
+    assert len(done) == 400 and not list((tmp_path / "out").iterdir())
+
+
 def test_full_disk_while_writing_samples_is_bad_input_and_leaves_nothing(tmp_path, cli, monkeypatch):
     """Issue 12 item 7: a full disk gives exit 2 naming the file and the reason, and no temporary file stays."""
     import errno
