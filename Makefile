@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	@# Keep the installed torch: extras must not pull another build (and its CUDA wheels).
 	@$(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $(dir $(PYTHON)).torch-constraint.txt
-	$(PYTHON) -m pip install -q -c $(dir $(PYTHON)).torch-constraint.txt -e ".[dev,weights,diffusers]"
+	$(PYTHON) -m pip install -q -c $(dir $(PYTHON)).torch-constraint.txt -e ".[dev,weights,diffusers,digits]"
 	@touch $@
 
 # ruff, configured in pyproject.toml: lint rules and the format check.
