@@ -187,6 +187,46 @@ def tiny_unet():
     return make
 
 
+@pytest.fixture
+def ldm_dir(ddpm_scheduler):
+    """`ldm_dir(root) -> (unet, vqvae)`: a tiny LDM pipeline folder (8x8 UNet over VQ latents, LDM's
+    scaled_linear betas) written at root."""
+    diffusers = pytest.importorskip("diffusers")
+
+    def make(root: Path):
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DModel(
+            sample_size=8,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+        )
+        vq = diffusers.VQModel(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=3,
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8,
+            num_vq_embeddings=32,
+        )
+        unet.save_pretrained(root / "unet")
+        vq.save_pretrained(root / "vqvae")
+        (root / "scheduler").mkdir()
+        (root / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(ddpm_scheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195))
+        )
+        (root / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline", "unet": [], "vqvae": []}))
+        return unet, vq
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def ddpm_dir(tmp_path_factory, tiny_unet):
     """A diffusers model folder: the tiny UNet plus a DDPM (epsilon, linear betas) scheduler config."""

@@ -213,35 +213,8 @@ def test_sd_teacher_stores_prompt_indices(sd_dir, tmp_path, cli, teacher_dode_sa
     assert r.exit_code == 2 and "--prompt" in r.output
 
 
-def test_latent_vq_decodes_with_scale_one(tmp_path, ddpm_scheduler):
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    vq = diffusers.VQModel(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8,
-        num_vq_embeddings=32,
-    )
-    unet.save_pretrained(tmp_path / "unet")
-    vq.save_pretrained(tmp_path / "vqvae")
-    (tmp_path / "scheduler").mkdir()
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(ddpm_scheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195))
-    )
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline", "unet": [], "vqvae": []}))
+def test_latent_vq_decodes_with_scale_one(tmp_path, ldm_dir):
+    _, vq = ldm_dir(tmp_path)
     d = resolve(f"diffusers:{tmp_path}")
     assert d.latent_scale == 1.0 and d.sigma_max == pytest.approx(83.8, rel=1e-2)
     assert d.sigma_min == pytest.approx(0.0388, rel=1e-2)

@@ -162,36 +162,11 @@ def test_a_distilled_global_dlms_exports_end_to_end(ddpm_dir, tmp_path, cli, rec
 
 
 @pytest.mark.parametrize("kind", ["dlms", "dode"])
-def test_scheduler_reproduces_sample_in_a_latent_pipeline(kind, tmp_path, cli, ddpm_scheduler):
+def test_scheduler_reproduces_sample_in_a_latent_pipeline(kind, tmp_path, cli, ldm_dir):
     """LDMPipeline (a UNet2DModel over VQ latents): it scales its noise by init_noise_sigma and calls
     scale_model_input, so the start is ours exactly."""
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    vq = diffusers.VQModel(
-        latent_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8,
-        num_vq_embeddings=32,
-    )
     root = tmp_path / "ldm"
-    unet.save_pretrained(root / "unet")
-    vq.save_pretrained(root / "vqvae")
-    (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(ddpm_scheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195))
-    )
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "LDMPipeline", "unet": [], "vqvae": []}))
+    ldm_dir(root)
     spec = f"diffusers:{root}"
     model = resolve(spec)
     art = (dlms_artifact if kind == "dlms" else dode_artifact)(tmp_path / f"{kind}.npz", model)
