@@ -39,7 +39,8 @@ from .solvers.base import Solver
 if TYPE_CHECKING:
     from .models.base import Denoiser
 
-METRICS = ("rmse", "psnr", "fd", "fid")
+# digits: FD in digit-classifier features against the held-out real digits (docs/digits.md), not the reference
+METRICS = ("rmse", "psnr", "fd", "fid", "digits")
 REFERENCE_SEED = 1_000_000  # far from teacher seeds: held out by construction
 ARTIFACT_SUFFIXES = (".npz", ".yaml", ".yml")
 # compare has no --force: an artifact made for another model is refused with what to do instead.
@@ -54,13 +55,14 @@ class Comparison:
     grid_images: dict[str, np.ndarray] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     kinds: dict[str, str] = field(default_factory=dict)  # solver name -> "handcrafted" or "student"
+    classes: list[dict] = field(default_factory=list)  # digits: {solver, nfe, confident_share, class_histogram, ...}
 
     def accelerations(self) -> list[dict]:
         """For every student cell: the NFE at which the best handcrafted solver of this table reaches the
         student's error (log-log interpolated), over the student's NFE (`evaluation.acceleration_ratio`). Read
         from the first error metric measured (rmse, fd, fid); `ratio` is inf when no handcrafted NFE here
         reaches it."""
-        metric = next((m for m in ("rmse", "fd", "fid") if any(r["metric"] == m for r in self.rows)), None)
+        metric = next((m for m in ("rmse", "fd", "fid", "digits") if any(r["metric"] == m for r in self.rows)), None)
         if metric is None:
             return []
         curve: dict[int, float] = {}
@@ -293,6 +295,8 @@ def run_compare(
         from .fid import inception_path
 
         inception_path(inception)  # the weights file, before any sampling
+    if "digits" in metrics:
+        from .fid import digits_fd
     for note in nfe_notes(nfes):
         say(note)
     train = None
@@ -307,6 +311,10 @@ def run_compare(
     cells = [c for name in names for nfe in nfes if (c := resolver.plan(name, nfe)) is not None]
     resolver.check(cells)
     comp.kinds = {c.name: c.kind for c in cells}
+    if "digits" in metrics and tuple(model.shape) != (1, 16, 16):
+        raise BadInput(
+            f"--metric digits: needs 1x16x16 digit images (toy:unet-digits); {model.spec} makes {model.shape}"
+        )
 
     if recipe is not None:
         cache, built = teacher_cache(recipe, model, say, progress_factory)
@@ -351,6 +359,10 @@ def run_compare(
                     if ref_stats is None:
                         ref_stats = pixel_stats(ref) if exact is None else exact
                     value = pixel_fd(x, ref_stats)
+                elif metric == "digits":
+                    measured = digits_fd(x)
+                    value = measured.distance
+                    comp.classes.append({"solver": cell.name, "nfe": res.nfe} | measured.classes.as_dict())
                 else:
                     value = inception_fd(x, ref, inception)
                 comp.rows.append(

@@ -93,6 +93,7 @@ def test_resolver(tmp_path, tiny64):
         ({"num": 1}, "--num: must be >= 2"),
         ({"model_spec": None}, "exactly one of --recipe and --model"),
         ({"names": ["euler", "nope"]}, "unknown solver 'nope'"),
+        ({"metrics": ("digits",)}, "--metric digits: needs 1x16x16 digit images"),
     ],
 )
 def test_run_compare_checks_before_work(kwargs, message):
@@ -113,6 +114,24 @@ def test_run_compare_measures_against_rk4(tiny64):
     got = next(r["value"] for r in comp.rows if (r["solver"], r["nfe"], r["metric"]) == ("euler", 4, "rmse"))
     assert got == pytest.approx(want, rel=1e-6)
     assert set(comp.grid_images) == {"reference", "euler, NFE 4", "heun, NFE 4"}  # drawn at the middle NFE
+
+
+def test_compare_digits_metric_is_fd_in_digit_features_with_the_class_report(tmp_path, cli):
+    """--metric digits: the distance `fid.digits_fd` gives the same samples, and the classifier's report per cell."""
+    from solverdistill.fid import digits_fd
+
+    spec = "gmm:shape=1x16x16,components=3,rank=4,seed=3"
+    r = cli("compare", "--model", spec, "--solvers", "euler", "--nfe", "3", "--num", 8, "--metric", "digits",
+            "--json", tmp_path / "c.json", "--csv", tmp_path / "c.csv")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "c.json").read_text())
+    m = resolve(spec)
+    want = digits_fd(generate(m, plan("euler", 3, m), list(range(1000000, 1000008))).x.float()).distance
+    assert [(x["metric"], x["nfe"]) for x in doc["rows"]] == [("digits", 3)]
+    assert doc["rows"][0]["value"] == pytest.approx(want, rel=1e-6)
+    [c] = doc["classes"]
+    assert (c["solver"], c["nfe"], c["samples"], sum(c["class_histogram"])) == ("euler", 3, 8, 8)
+    assert "digits: euler at NFE 3:" in r.output and "classes seen" in r.output
 
 
 def test_compare_writes_consistent_outputs(tmp_path, cli):

@@ -43,7 +43,11 @@ def command(
     ),
     num: int = typer.Option(1000, "--num", help="Number of seeds."),
     seed: Optional[int] = typer.Option(None, "--seed", help="First seed (with --model; default 1000000)."),
-    metric: str = typer.Option("rmse", "--metric", help="Comma-separated: rmse, psnr, fd, fid."),
+    metric: str = typer.Option(
+        "rmse",
+        "--metric",
+        help="Comma-separated: rmse, psnr, fd, fid, digits (FD in digit features against the held-out digits, with the classifier's class report).",
+    ),
     artifacts_dir: Optional[str] = typer.Option(
         None, "--artifacts", help="Artifact folders, comma-separated (default: out, then solvers)."
     ),
@@ -119,6 +123,11 @@ def report(comp, metrics: list[str], names: list[str], nfes: list[int], outputs:
     for m in metrics:
         if any(r["metric"] == m for r in comp.rows):
             out.print(table(comp, m, names, nfes))
+    for c in comp.classes:  # --metric digits: what the digit classifier reads (docs/digits.md)
+        line(
+            f"digits: {c['solver']} at NFE {c['nfe']}: {c['confident_share']:.1%} read with p >= "
+            f"{c['confident_threshold']}; classes seen {c['classes_seen']}/10; histogram {c['class_histogram']}"
+        )
     for a in comp.accelerations():
         line(acceleration_line(a))
     for note in comp.notes:
@@ -178,6 +187,8 @@ def write_outputs(comp, json_path=None, csv_path=None, plot_path=None, grid_path
         if json_path:
             accel = [a | {"ratio": None if a["ratio"] == float("inf") else a["ratio"]} for a in comp.accelerations()]
             doc = {"reference": comp.reference, "samples": comp.samples, "rows": comp.rows, "acceleration": accel}
+            if comp.classes:
+                doc["classes"] = comp.classes  # --metric digits: what the digit classifier reads in each cell
             Path(json_path).write_text(json.dumps(doc, indent=1))
             written.append(Path(json_path))
         if csv_path:
