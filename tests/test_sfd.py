@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from solverdistill import students
+from solverdistill import artifacts, grids, students
 from solverdistill.errors import BadInput
-from solverdistill.generate import CountingDenoiser, generate
+from solverdistill.generate import CountingDenoiser, generate, initial_noise
 from solverdistill.models import resolve
 from solverdistill.recipes import load_recipe
 from solverdistill.solvers import Solver, plan
+from solverdistill.students import sfd
 from solverdistill.students.sfd import student_grid
 from solverdistill.teacher import TeacherCache
 from solverdistill.teacher.run import run_teacher
@@ -238,3 +239,107 @@ def test_a_global_batch_smaller_than_the_world_is_refused(toy, monkeypatch):
     monkeypatch.setattr(distributed, "rank_size", lambda: (0, 2))
     with pytest.raises(BadInput, match="train.batch"):
         method.fit(TeacherCache.open(rec.cache_dir()), resolve(rec.model.spec), s, t)
+
+
+def online(toy, **train):
+    """The recipe's student and train settings with the online teacher (and `train` overrides)."""
+    rec = load_recipe(toy / "r.yaml")
+    method = students.get("sfd")
+    s, t = method.configs(rec.student, {**rec.train, "teacher": "online", "batch": 4, "iterations": 2, **train})
+    return method, s, t, TeacherCache.open(rec.cache_dir())
+
+
+def test_online_targets_are_the_teacher_solvers_states_on_the_student_grid(toy, monkeypatch):
+    """Each iteration: fresh seeds (never a cached one), noise from them at the grid's sigma_max, and as targets
+    the frozen network's dpm++3m states at the student's points of its grid refined with M points per interval."""
+    method, s, t, cache = online(toy, refine=2)
+    model = resolve("python:tinytoy:make")
+    seen = []
+    draw, targets_of = sfd.fresh_seeds, sfd.online_targets
+
+    def record_seeds(*args):
+        seen.append({"seeds": draw(*args)})
+        return seen[-1]["seeds"]
+
+    def record_targets(model, plan, x, cond, every):
+        seen[-1].update(x=x.clone(), targets=targets_of(model, plan, x, cond, every))
+        return seen[-1]["targets"]
+
+    monkeypatch.setattr(sfd, "fresh_seeds", record_seeds)
+    monkeypatch.setattr(sfd, "online_targets", record_targets)
+    art = method.fit(cache, model, s, t)
+    assert len(seen) == 2
+    grid = student_grid(s, model, 2)  # AFS: 3 intervals, each refined by 2 points: 9 teacher steps
+    fine = grids.polynomial(9, float(grid[-1]), float(grid[0]), 7.0)
+    assert torch.allclose(sfd.refined(grid, 2, 7.0), fine, rtol=1e-12)
+    for row in seen:
+        seeds = row["seeds"]
+        assert len(seeds) == 4 and not np.isin(seeds, cache.seeds).any()
+        assert torch.equal(row["x"], initial_noise(seeds.tolist(), model.shape) * 80.0)
+        states = []
+        with torch.no_grad():
+            end = plan("dpm++3m", 9, model, schedule=",".join(map(str, fine.tolist()))).solve(
+                model, row["x"], callback=states.append
+            )
+        want = torch.stack([states[3].x, states[6].x, end], 1)
+        assert row["targets"].shape == (4, 3, *model.shape) and torch.allclose(row["targets"], want, atol=1e-5)
+    assert not np.isin(seen[0]["seeds"], seen[1]["seeds"]).any()  # fresh noise every iteration
+    assert not torch.allclose(seen[0]["x"], seen[1]["x"])
+    tr = art.meta["training"]
+    assert tr["teacher"] == "online" and tr["refine"] == 2 and tr["teacher_solver"] == "dpm++3m"
+    assert tr["samples"] == 8 and tr["train"]["teacher"] == "online"
+
+
+def test_online_training_lowers_the_loss_without_the_caches_trajectories(toy, monkeypatch):
+    method, s, t, cache = online(toy, iterations=6, batch=8, lr=1e-3)
+    monkeypatch.setattr(cache, "states_at", lambda *a, **k: pytest.fail("online mode read the cache"))
+    monkeypatch.setattr(cache, "start", lambda *a, **k: pytest.fail("online mode read the cache"))
+    model = resolve("python:tinytoy:make")
+    art = method.fit(cache, model, s, t)
+    tuned, original = method.load(art, model), method.load(method.untrained(art), model)
+    monkeypatch.undo()
+    assert art.meta["training"]["teacher"] == "online"
+    idx = np.arange(16)
+    assert student_loss(tuned, model, cache, idx) < student_loss(original, model, cache, idx)
+
+
+def test_teacher_mode_and_solver_are_validated(toy):
+    method = students.get("sfd")
+    with pytest.raises(BadInput, match=r"train\.teacher: must be one of cache, online, got 'onlin'"):
+        method.configs({"method": "sfd"}, {"teacher": "onlin"})
+    with pytest.raises(BadInput, match=r"train\.refine: must be >= 0"):
+        method.configs({"method": "sfd"}, {"refine": -1})
+    m, s, t, cache = online(toy, teacher_solver="rk9")
+    with pytest.raises(BadInput, match=r"train\.teacher_solver: .*unknown solver 'rk9'"):
+        m.fit(cache, resolve("python:tinytoy:make"), s, t)
+    m, s, t, cache = online(toy)
+    assert method.configs({"method": "sfd"}, {})[1].teacher == "cache"  # the default stays the cache
+
+
+def test_one_step_is_a_second_stage_after_nfe_2_and_loads(toy, fitted, tmp_path, monkeypatch):
+    method = students.get("sfd")
+    rec = load_recipe(toy / "r.yaml")
+    s, t = method.configs({**rec.student, "nfe": 1}, {**rec.train, "iterations": 2})
+    cache, model = TeacherCache.open(rec.cache_dir()), resolve("python:tinytoy:make")
+    starts = []
+    tune = sfd.tune
+    monkeypatch.setattr(sfd, "tune", lambda c, m, s, t, w, p: starts.append((s.nfe, w)) or tune(c, m, s, t, w, p))
+    art = method.fit(cache, model, s, t)
+    assert [n for n, _ in starts] == [2, 1] and starts[0][1] is None and starts[1][1] is not None
+    assert [st["nfe"] for st in art.meta["training"]["stages"]] == [2, 1]
+    assert method.work(s, t) == 4
+    solver = method.load(art, model)
+    assert solver.nfe == 1 and len(solver.plan.sigmas) == 3
+    counted = CountingDenoiser(model)
+    assert torch.isfinite(solver.solve(counted, torch.randn(2, *model.shape) * 80.0)).all() and counted.calls == 1
+    # student.init: start from a saved NFE-2 student instead (its weights, not the model's)
+    two, _, _ = fitted
+    path = artifacts.save(two, tmp_path / "two.npz")
+    starts.clear()
+    s1, _ = method.configs({**rec.student, "nfe": 1, "init": str(path)}, {})
+    art1 = method.fit(cache, model, s1, t)
+    assert [n for n, _ in starts] == [1] and len(art1.meta["training"]["stages"]) == 1
+    assert torch.equal(starts[0][1]["down2.weight"], torch.from_numpy(two.arrays["net.down2.weight"]))
+    s_bad, _ = method.configs({**rec.student, "nfe": 1, "init": str(tmp_path / "none.npz")}, {})
+    with pytest.raises(BadInput, match="student.init"):
+        method.fit(cache, model, s_bad, t)

@@ -5,9 +5,12 @@ The student is a copy of the denoiser's network sampled with euler + AFS on a po
 state, L1 to the teacher state at the next sigma (summed over elements, averaged over the batch), NaN/inf gradients
 zeroed, one Adam step; then continue from the student's output. lr x0.1 at half of training; optional EMA.
 SFD-v trains one network for several NFEs, telling it the number of steps through a step condition (only for
-networks that accept one). Teacher states come from the teacher cache (Hermite between its grid points).
+networks that accept one). Teacher states come from the teacher cache (Hermite between its grid points), or, with
+`train.teacher: online` as the paper trains, from the frozen network solved by `train.teacher_solver` on the
+student grid with `train.refine` points inside each interval, from fresh noise every iteration. NFE 1 is the
+paper's second stage: it starts from an NFE-2 student (`student.init`, or trained first).
 Training and sampling both run euler through the stepping core (solvers/multistep.py); training takes its
-optimiser step in the core's per-step hook and cuts the graph after every step.
+optimiser step in the core's per-step hook and cuts the graph after every step; the online teacher is a Plan.
 """
 
 from __future__ import annotations
@@ -15,18 +18,20 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .. import distributed, grids
+from .. import artifacts, distributed, grids
 from ..artifacts import Artifact, new_meta
 from ..errors import BadInput
+from ..generate import initial_noise
 from ..solvers import Plan
 from ..solvers import get as get_solver
-from ..solvers.base import Callback
+from ..solvers.base import Callback, Step
+from ..teacher.run import draw_cond
 from . import Method, TrainSection, register, stored_settings
 
 if TYPE_CHECKING:
@@ -44,6 +49,8 @@ class SFDStudent:
     rho: float = field(default=7.0, metadata={"min": 0.0})
     variable: bool = False  # SFD-v: one network for every NFE in nfe_set
     nfe_set: str = "2,3,4,5"
+    # An SFD artifact whose weights training starts from; "" = the model's own (NFE 1: an NFE-2 stage first).
+    init: str = ""
 
 
 @dataclass
@@ -53,11 +60,58 @@ class SFDTrain(TrainSection):
     iterations: int = field(default=200, metadata={"min": 1})
     ema: float = field(default=0.0, metadata={"min": 0.0})  # EMA decay of the weights; 0 = off
     seed: int = 0
+    # Where targets come from: the cache (Hermite between its points), or the frozen network solved alongside.
+    teacher: str = field(default="cache", metadata={"choices": ("cache", "online")})
+    teacher_solver: str = field(default="dpm++3m", metadata={"max_len": 100})  # online: the teacher's solver
+    refine: int = field(default=3, metadata={"min": 0, "max": 1000})  # online: M points inside each interval
+    lr_schedule: str = field(default="step", metadata={"choices": ("step", "cosine")})  # step: x0.1 at half
 
 
 def student_grid(s: SFDStudent, model: Denoiser, nfe: int) -> torch.Tensor:
     lo, hi = max(s.sigma_min, model.sigma_min), min(s.sigma_max, model.sigma_max)
     return grids.polynomial(nfe + (1 if s.afs else 0), lo, hi, s.rho)
+
+
+def refined(grid: torch.Tensor, m: int, rho: float) -> torch.Tensor:
+    """The student grid with `m` points inside each interval, uniform in sigma^(1/rho) like the grid itself (on a
+    polynomial grid: the polynomial grid with (m + 1) times the intervals, the student's points every (m + 1)-th)."""
+    r = grid.to(torch.float64) ** (1 / rho)
+    u = torch.arange(m + 1, dtype=torch.float64) / (m + 1)
+    inner = (r[:-1, None] + (r[1:] - r[:-1])[:, None] * u).reshape(-1)
+    return torch.cat([inner, r[-1:]]) ** rho
+
+
+def teacher_plan(t: SFDTrain, model: Denoiser, grid: torch.Tensor, rho: float) -> Plan:
+    """The online teacher: `train.teacher_solver` (no AFS) on the refined student grid."""
+    try:
+        info = get_solver(t.teacher_solver)
+    except BadInput as e:
+        raise BadInput(f"train.teacher_solver: {e}") from None
+    fine = refined(grid, t.refine, rho)
+    steps = len(fine) - 1
+    return Plan(info, steps * info.calls_per_step, False, fine, {}, int(model.passes_per_call))
+
+
+def online_targets(model: Denoiser, plan: Plan, x: torch.Tensor, cond: torch.Tensor | None, every: int) -> torch.Tensor:
+    """The teacher's states at the student's grid points after its first ([B, K, ...]): every `every`-th state of
+    the plan's run from x, the last being its output."""
+    states: list[torch.Tensor] = []
+
+    def keep(step: Step) -> None:
+        if step.i and step.i % every == 0:
+            states.append(step.x)
+
+    with torch.no_grad():
+        final = plan.solve(model, x, cond, keep)
+    return torch.stack([*states, final], 1)
+
+
+def fresh_seeds(rng: np.random.Generator, n: int, cache: TeacherCache) -> np.ndarray:
+    """Per-sample seeds for one online batch, drawn from the train seed's generator over [0, 2^53) less the cache's
+    seeds, so the held-out trajectories (cached seeds) are never trained on."""
+    lo, count = int(cache.spec["seed"]), cache.num_samples
+    u = rng.integers(0, 2**53 - count, size=n)
+    return np.where(u < lo, u, u + count)
 
 
 def nfes_of(s: SFDStudent) -> list[int]:
@@ -122,6 +176,17 @@ class SFDSolver:
         }
 
 
+def init_weights(s: SFDStudent, model: Denoiser) -> dict[str, torch.Tensor]:
+    """The weights of the SFD artifact `student.init` (checked against the model like any SFD artifact)."""
+    try:
+        art = artifacts.load(s.init, model.fingerprint)
+    except BadInput as e:
+        raise BadInput(f"student.init: {e}") from None
+    if art.method != "sfd":
+        raise BadInput(f"student.init: {s.init} is a {art.method} artifact; expected an SFD one")
+    return load(art, model).den.net.state_dict()
+
+
 def fit(
     cache: TeacherCache, model: Denoiser, s: SFDStudent, t: SFDTrain, progress: Callable[..., Any] | None = None
 ) -> Artifact:
@@ -130,8 +195,56 @@ def fit(
         raise BadInput(f"student.method: sfd fine-tunes a network, and {model.spec} has none")
     if s.variable and not getattr(model, "accepts_step_condition", False):
         raise BadInput(f"student.variable: SFD-v needs a network that accepts a step condition; {model.spec} does not")
+    if t.teacher == "online":
+        teacher_plan(t, model, student_grid(s, model, max(nfes_of(s))), s.rho)  # a bad solver name: before any work
+    stages = []
+    weights = init_weights(s, model) if s.init else None
+    if weights is None and s.nfe == 1 and not s.variable:
+        # The paper's second stage: one step is fine-tuned from the NFE-2 student, trained here first.
+        weights, first = tune(cache, model, replace(s, nfe=2), t, None, progress)
+        stages.append({"nfe": 2, **first})
+    final, last = tune(cache, model, s, t, weights, progress)
+    stages.append({"nfe": s.nfe, **last})
+    arrays = {f"net.{k}": v.detach().cpu().float().numpy() for k, v in final.items()}
+    arrays["grid"] = student_grid(s, model, s.nfe).numpy()
+    meta = new_meta(
+        "sfd",
+        base_solver="euler+afs" if s.afs else "euler",
+        nfe=s.nfe,
+        network_passes=s.nfe * model.passes_per_call,
+        afs=s.afs,
+        grid=arrays["grid"].tolist(),
+        student=asdict(s),
+        model=model.spec,
+        model_fingerprint=model.fingerprint,
+        training={
+            "seconds": time.time() - began,
+            "iterations": t.iterations,
+            "teacher": t.teacher,
+            **({"teacher_solver": t.teacher_solver, "refine": t.refine} if t.teacher == "online" else {}),
+            **{k: last[k] for k in ("samples", "first_loss", "final_loss")},
+            "cleaned_gradients": sum(st["cleaned_gradients"] for st in stages),
+            "stages": stages,  # NFE 1 from scratch: the NFE-2 stage, then the one-step stage
+            "train": asdict(t),
+        },
+    )
+    return Artifact(meta, arrays)
+
+
+def tune(
+    cache: TeacherCache,
+    model: Denoiser,
+    s: SFDStudent,
+    t: SFDTrain,
+    weights: dict[str, torch.Tensor] | None,
+    progress: Callable[..., Any] | None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """One SFD fine-tuning run from `weights` (None: the model's own); the final (or EMA) weights and a summary."""
+    began = time.time()
     nfes = nfes_of(s)
     student = copy.deepcopy(model)
+    if weights is not None:
+        student.net.load_state_dict(weights)
     net = student.net.train().requires_grad_(True)
     ema = copy.deepcopy(net).requires_grad_(False) if t.ema else None
     opt = torch.optim.Adam(net.parameters(), lr=t.lr, betas=(0.9, 0.999))
@@ -142,27 +255,42 @@ def fit(
     if wrapped is not net:
         student.route_calls(wrapped)
     train_idx, _ = cache.split(t.samples, t.heldout)
+    online = t.teacher == "online"
+    rows_per_batch = t.batch if online else min(t.batch, len(train_idx))
     size = distributed.rank_size()[1]
-    if min(t.batch, len(train_idx)) < size:
+    if rows_per_batch < size:
         raise BadInput(
-            f"train.batch: the global batch ({min(t.batch, len(train_idx))} rows) is split over {size} ranks; "
+            f"train.batch: the global batch ({rows_per_batch} rows) is split over {size} ranks; "
             f"expected at least one row per rank"
         )
     rng = np.random.default_rng(t.seed)
     torch.manual_seed(t.seed)
     losses, cleaned = [], 0
     for it in range(1, t.iterations + 1):
-        if it == t.iterations // 2 + 1:
-            for g in opt.param_groups:
+        for g in opt.param_groups:
+            if t.lr_schedule == "cosine":  # a measured alternative to the paper's step (docs/students.md "SFD")
+                g["lr"] = t.lr * 0.5 * (1 + np.cos(np.pi * (it - 1) / t.iterations))
+            elif it == t.iterations // 2 + 1:
                 g["lr"] = t.lr * 0.1
         nfe = int(rng.choice(nfes))
         set_step(student, nfe if s.variable else None)
         grid = student_grid(s, model, nfe)
-        idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
-        # Under torchrun the global batch is split over the ranks, a block per rank (docs/distributed.md).
-        idx, share = distributed.shard(idx), len(idx)
-        x, cond = cache.start(idx, model)
-        targets = cache.states_at(idx, grid[1:].numpy(), dtype=x.dtype, device=x.device)
+        if online:
+            # Fresh noise every iteration (per-sample seeds); the frozen original network is the teacher.
+            seeds = distributed.shard(fresh_seeds(rng, rows_per_batch, cache))
+            share = rows_per_batch
+            x = initial_noise(seeds, model.shape, model.dtype, model.device) * float(grid[0])
+            cond = draw_cond(model, seeds)
+            cond = None if cond is None else cond.to(model.device)
+            targets = online_targets(model, teacher_plan(t, model, grid, s.rho), x, cond, t.refine + 1)
+            rows = len(seeds)
+        else:
+            idx = np.sort(rng.choice(train_idx, size=rows_per_batch, replace=False))
+            # Under torchrun the global batch is split over the ranks, a block per rank (docs/distributed.md).
+            idx, share = distributed.shard(idx), len(idx)
+            x, cond = cache.start(idx, model)
+            targets = cache.states_at(idx, grid[1:].numpy(), dtype=x.dtype, device=x.device)
+            rows = len(idx)
         total = 0.0
 
         def train_step(
@@ -170,7 +298,7 @@ def fit(
             sigma_next: float,
             out: torch.Tensor,
             targets: torch.Tensor = targets,
-            rows: int = len(idx),
+            rows: int = rows,
             share: int = share,
         ) -> bool:
             """After student step k: L1 to the teacher, one Adam step; always cut the graph (the next step
@@ -204,29 +332,14 @@ def fit(
         if progress:
             progress(1, info=f"L1 {total:.3e} (NFE {nfe})")
     final = ema if ema is not None else net
-    arrays = {f"net.{k}": v.detach().cpu().float().numpy() for k, v in final.state_dict().items()}
-    arrays["grid"] = student_grid(s, model, s.nfe).numpy()
-    meta = new_meta(
-        "sfd",
-        base_solver="euler+afs" if s.afs else "euler",
-        nfe=s.nfe,
-        network_passes=s.nfe * model.passes_per_call,
-        afs=s.afs,
-        grid=arrays["grid"].tolist(),
-        student=asdict(s),
-        model=model.spec,
-        model_fingerprint=model.fingerprint,
-        training={
-            "seconds": time.time() - began,
-            "iterations": t.iterations,
-            "samples": len(train_idx),
-            "first_loss": losses[0],
-            "final_loss": float(np.mean(losses[-10:])),
-            "cleaned_gradients": cleaned,
-            "train": asdict(t),
-        },
-    )
-    return Artifact(meta, arrays)
+    summary = {
+        "seconds": time.time() - began,
+        "samples": t.iterations * rows_per_batch if online else len(train_idx),
+        "first_loss": losses[0],
+        "final_loss": float(np.mean(losses[-10:])),
+        "cleaned_gradients": cleaned,
+    }
+    return {k: v.detach().clone() for k, v in final.state_dict().items()}, summary
 
 
 def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
@@ -284,7 +397,7 @@ register(
         load,
         untrained,
         "fine-tunes the network for few steps (SFD, SFD-v)",
-        work=lambda s, t: t.iterations,
+        work=lambda s, t: t.iterations * (2 if s.nfe == 1 and not s.init and not s.variable else 1),
         arrays=("net.*", "grid"),
     )
 )
