@@ -1,47 +1,142 @@
-"""DLMS ablation on a cached teacher: each variant trained from the same cache and seeds, scored by endpoint
-RMSE on the same held-out seeds. Usage: python benchmarks/dlms_ablation.py RECIPE [NFE] [variant ...]
-A variant is `name` or `key=value,key=value` over the student/train keys (student keys first)."""
+"""DLMS ablation on a cached teacher: each variant trained from the same cache and train seeds, scored by endpoint
+RMSE on the same held-out seeds, with its acceleration ratio against the best handcrafted curve (every handcrafted
+solver with and without AFS on its default grid, NFE 2..20, measured once on the same held-out seeds).
 
-import sys
+    python benchmarks/dlms_ablation.py RECIPE [--nfe 5] [--set KEY=VALUE ...] [--seeds 0,1,2] [--curve FILE.json]
+        [--out OUT.md] [VARIANT ...]
+
+A variant is a name below or `key=value,key=value` over the student/train keys, applied on top of the recipe.
+`--set teacher.num_samples=1024` overrides recipe keys (the cache, the split). `--curve` reuses (or writes) the
+handcrafted curve, so several runs on one cache measure it once."""
+
+import argparse
+import json
+import math
+import statistics
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import yaml
 
-from solverdistill.evaluation import heldout_rmse
+from solverdistill import solvers
+from solverdistill.evaluation import acceleration_ratio, heldout_rmse
+from solverdistill.fid import digits_fd
+from solverdistill.generate import generate
 from solverdistill.pipeline import method_configs, open_workspace
 from solverdistill.recipes import load_recipe
 
 VARIANTS = {
-    "default": {},
+    "recipe": {},
+    "paper": {"lr_decay": "none", "restarts": 1, "loss": "both", "final_weight": 3.0},
     "loss=endpoint": {"loss": "endpoint"},
     "loss=trajectory": {"loss": "trajectory"},
-    "window=whole": {"window": 0},
+    "window=2": {"window": 2},
     "designer=global": {"designer": "global"},
     "no AFS": {"afs": False},
     "no time scaling": {"time_scaling": False},
     "fixed grid": {"learn_grid": False},
     "init=plms": {"init": "plms"},
+    "no cosine": {"lr_decay": "none"},
+    "restarts=1": {"restarts": 1},
 }
 
-recipe = load_recipe(sys.argv[1])
-nfe = int(sys.argv[2]) if len(sys.argv) > 2 else 5
-chosen = sys.argv[3:] or list(VARIANTS)
-method, s0, t0 = method_configs(recipe, "dlms", nfe)
+ap = argparse.ArgumentParser()
+ap.add_argument("recipe")
+ap.add_argument("variants", nargs="*")
+ap.add_argument("--nfe", type=int, default=5)
+ap.add_argument(
+    "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, e.g. train.heldout=256"
+)
+ap.add_argument("--seeds", default="0", help="train seeds (train.seed), comma-separated: the spread over seeds")
+ap.add_argument("--curve", help="JSON file with the handcrafted curve: read when present, written otherwise")
+ap.add_argument("--out", help="append the table to this markdown file")
+ap.add_argument("--fd", type=int, default=0, help="toy:unet-digits: also FD (digit features) of N samples")
+ap.add_argument("--fd-seed", type=int, default=1_000_000, help="first seed of the FD samples (none is in the cache)")
+args = ap.parse_intermixed_args()
+
+overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+recipe = load_recipe(args.recipe, overrides)
+method, s0, t0 = method_configs(recipe, "dlms", args.nfe)
 ws = open_workspace(recipe)
 model, cache = ws.model, ws.cache
+_, held = cache.split(t0.samples, t0.heldout)
 s_keys, t_keys = method.keys()
-print("| variant | held-out RMSE | initial RMSE | seconds |\n|---|---|---|---|")
-for name in chosen:
+
+fd_seeds = list(range(args.fd_seed, args.fd_seed + args.fd))
+
+
+def fd_of(solver):
+    return digits_fd(generate(model, solver, fd_seeds, batch=256).x).distance
+
+
+saved = json.loads(Path(args.curve).read_text()) if args.curve and Path(args.curve).is_file() else {}
+if saved and (not args.fd or saved.get("fd_samples") == args.fd):
+    curve, best_name = {int(k): v for k, v in saved["curve"].items()}, {int(k): v for k, v in saved["best"].items()}
+    fd_curve = {int(k): v for k, v in saved.get("fd", {}).items()}
+    fd_name = {int(k): v for k, v in saved.get("fd_best", {}).items()}
+else:
+    curve, best_name, fd_curve, fd_name = {}, {}, {}, {}
+    for m in range(2, 21):
+        plans = solvers.sweep(m, model)
+        base = {name: heldout_rmse(p, model, cache, held) for name, p in plans.items()}
+        best_name[m] = min(base, key=base.get)
+        curve[m] = base[best_name[m]]
+        print(f"handcrafted NFE {m}: best {best_name[m]} {curve[m]:.4f}", flush=True)
+        if args.fd and m <= 12:
+            fds = {name: fd_of(p) for name, p in plans.items()}
+            fd_name[m] = min(fds, key=fds.get)
+            fd_curve[m] = fds[fd_name[m]]
+            print(f"handcrafted NFE {m}: best FD {fd_name[m]} {fd_curve[m]:.1f}", flush=True)
+    if args.curve:
+        saved = {"curve": curve, "best": best_name, "held": len(held), "fd": fd_curve, "fd_best": fd_name}
+        Path(args.curve).write_text(json.dumps(saved | {"fd_samples": args.fd}))
+
+seeds = [int(v) for v in args.seeds.split(",")]
+
+
+def shown(ratio, curve, nfe):
+    """A ratio, or '>R' when no NFE on the curve reaches the student (R: the curve's largest NFE over nfe)."""
+    return f">{max(curve) / nfe:.1f}x" if math.isinf(ratio) else f"{ratio:.2f}x"
+
+
+head = (
+    f"{recipe.model.spec}, NFE {args.nfe}, {len(held)} held-out seeds; best handcrafted at NFE {args.nfe}: "
+    f"{curve[args.nfe]:.4f} ({best_name[args.nfe]}); train seeds {seeds}"
+)
+if args.fd:
+    head += f"; FD: {args.fd} samples from seed {args.fd_seed}, best handcrafted FD at NFE {args.nfe}: "
+    head += f"{fd_curve[args.nfe]:.1f} ({fd_name[args.nfe]})"
+cols = "| variant | held-out RMSE per train seed | mean | ratio (mean) | initial RMSE | s per fit |"
+lines = [head, "", cols + (" FD per train seed | FD ratio (mean FD) |" if args.fd else "")]
+lines.append("|---|---|---|---|---|---|" + ("---|---|" if args.fd else ""))
+print("\n".join(lines), flush=True)
+for name in args.variants or list(VARIANTS):
     if name in VARIANTS:
         typed = VARIANTS[name]
     else:  # key=value pairs, values read as YAML scalars (5, 0.01, true, dpm++)
         typed = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in name.split(","))}
     s = replace(s0, **{k: v for k, v in typed.items() if k in s_keys})
-    t = replace(t0, **{k: v for k, v in typed.items() if k in t_keys})
-    start = time.time()
-    art = method.fit(cache, model, s, t)
-    _, held = cache.split(t.samples, t.heldout)
-    rm = heldout_rmse(method.load(art, model), model, cache, held)
+    errs, fds, start, fit_s = [], [], time.time(), 0.0
+    for seed in seeds:
+        t = replace(t0, **{k: v for k, v in typed.items() if k in t_keys}, seed=seed)
+        t_fit = time.time()
+        art = method.fit(cache, model, s, t)
+        fit_s += time.time() - t_fit
+        errs.append(heldout_rmse(method.load(art, model), model, cache, held))
+        if args.fd:
+            fds.append(fd_of(method.load(art, model)))
     init = heldout_rmse(method.load(method.untrained(art), model), model, cache, held)
-    print(f"| {name} | {rm:.4f} | {init:.4f} | {time.time() - start:.0f} |", flush=True)
+    mean = statistics.fmean(errs)
+    row = (
+        f"| {name} | {' / '.join(f'{e:.4f}' for e in errs)} | {mean:.4f} | "
+        f"{shown(acceleration_ratio(mean, s.nfe, curve), curve, s.nfe)} | {init:.4f} | {fit_s / len(seeds):.0f} |"
+    )
+    if args.fd:
+        mean_fd = statistics.fmean(fds)
+        row += f" {' / '.join(f'{e:.1f}' for e in fds)} | {shown(acceleration_ratio(mean_fd, s.nfe, fd_curve), fd_curve, s.nfe)} ({mean_fd:.1f}) |"
+    lines.append(row)
+    print(row, flush=True)
+if args.out:
+    with open(args.out, "a") as f:
+        f.write("\n".join(lines) + "\n\n")

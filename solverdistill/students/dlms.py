@@ -37,6 +37,7 @@ from ..solvers.base import Callback
 from ..solvers.multistep import CoefficientSource, Weights, run_multistep
 from ..solvers.tables import ADAMS_BASHFORTH, dpmpp_table
 from . import Method, TrainSection, register, stored_settings
+from .feature_loss import FeatureNet, feature_network
 
 if TYPE_CHECKING:
     from ..models.base import Denoiser
@@ -71,6 +72,11 @@ class DLMSTrain(TrainSection):
     validation: int = field(default=64, metadata={"min": 1})  # taken from the training pool, for early stopping
     loss: str = field(default="both", metadata={"choices": ("trajectory", "endpoint", "both")})
     final_weight: float = field(default=3.0, metadata={"min": 0.0})
+    # The paper's final-step term in the feature network of the model's FD (students/feature_loss.py), added to
+    # the L2 terms with this weight; the distance is divided by the features' variance over the validation
+    # endpoints, so the weight carries over between feature networks.
+    final_loss: str = field(default="l2", metadata={"choices": ("l2", "features")})
+    feature_weight: float = field(default=1.0, metadata={"min": 0.0})
     window: int = field(default=0, metadata={"min": 0})  # steps per gradient window; 0 = whole trajectory
     eval_every: int = field(default=25, metadata={"min": 1})
     patience: int = field(default=0, metadata={"min": 0})  # evaluations without improvement before stopping
@@ -306,26 +312,54 @@ class Rule(CoefficientSource):
         self.t, self.k = self.t.detach(), self.k.detach()
 
 
+@dataclass
+class FeatureTerm:
+    """The final-step feature distance: the network, the features' variance it is divided by, and its weight."""
+
+    net: FeatureNet
+    scale: float
+    weight: float
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            want = self.net(target)
+        return self.weight * (self.net(x) - want).pow(2).mean() / self.scale
+
+
+def feature_term(t: DLMSTrain, model: Any, cache: TeacherCache, val_idx: np.ndarray) -> FeatureTerm | None:
+    """None for final_loss: l2; otherwise the model's feature network (or BadInput naming train.final_loss)."""
+    if t.final_loss != "features":
+        return None
+    net = feature_network(model)
+    with torch.no_grad():
+        f = net(cache.endpoints(val_idx).to(device=model.device, dtype=model.dtype))
+    return FeatureTerm(net, max(float(f.double().var(0).mean()), 1e-12), t.feature_weight)
+
+
 def _loss_fn(
-    cache: TeacherCache, idx: np.ndarray, s: DLMSStudent, t: DLMSTrain, steps: int
+    cache: TeacherCache, idx: np.ndarray, s: DLMSStudent, t: DLMSTrain, steps: int, feats: FeatureTerm | None = None
 ) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None]:
     weights = np.zeros(steps)
     if t.loss in ("trajectory", "both"):
         weights[:] = 1.0
     if t.loss in ("endpoint", "both"):
         weights[-1] += t.final_weight
-    if weights.sum() == 0:
+    if weights.sum() == 0 and not (feats and feats.weight > 0):
         raise BadInput("train.final_weight: must be > 0 with train.loss: endpoint (nothing would be trained)")
-    weights /= weights.sum()
+    weights /= max(weights.sum(), 1.0e-300)
+    last = steps - 1
 
     def step_loss(n: int, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-        if weights[n] == 0:
+        if weights[n] == 0 and not (n == last and feats):
             return None
         if not bool(torch.isfinite(sigma).all()):
             return x.sum() * float("nan")  # the NaN guard skips this step
         # Differentiable in sigma: the target moves with a learned time.
         target = cache.states_at(idx, sigma[:, None].double(), dtype=x.dtype, device=x.device)[:, 0]
-        return weights[n] * (x - target).pow(2).mean()
+        loss = weights[n] * (x - target).pow(2).mean()
+        if n == last and feats:
+            loss = loss + feats(x, target.detach())
+        return loss
 
     return step_loss
 
@@ -351,6 +385,7 @@ def train_once(
     t: DLMSTrain,
     seed: int,
     progress: Callable[..., Any] | None = None,
+    feats: FeatureTerm | None = None,
 ) -> Run:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -370,7 +405,7 @@ def train_once(
         idx, share = distributed.shard(idx), len(idx)
         opt.zero_grad(set_to_none=True)
         x, cond = cache.start(idx, model)
-        loss = student.train_pass(model, x, cond, _loss_fn(cache, idx, s, t, student.steps), window=t.window)
+        loss = student.train_pass(model, x, cond, _loss_fn(cache, idx, s, t, student.steps, feats), window=t.window)
         grads = [p.grad for p in student.designer.parameters() if p.grad is not None]
         if distributed.active():
             distributed.average_gradients(grads, len(idx), share)
@@ -412,6 +447,7 @@ def fit(
     ranks = distributed.rank_size()[1]
     if min(t.batch, len(train_idx)) < ranks:
         raise BadInput(f"train.batch: {min(t.batch, len(train_idx))} rows cannot be split over {ranks} processes")
+    feats = feature_term(t, model, cache, val_idx)  # before any work: a model without features is refused here
     # Training on a few trajectories is high-variance: independent restarts, the best by validation is kept.
     runs = []
     for r in range(t.restarts):
@@ -420,7 +456,7 @@ def fit(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(t.seed + r)
             student = DLMS(s, grid).to(device=model.device, dtype=model.dtype)
-            runs.append(train_once(student, model, cache, train_idx, val_idx, s, t, t.seed + r, progress))
+            runs.append(train_once(student, model, cache, train_idx, val_idx, s, t, t.seed + r, progress, feats))
     best = min(runs, key=lambda run: run.best)
     student.load_state_dict(best.state)
     arrays = {f"designer.{k}": v.detach().cpu().double().numpy() for k, v in student.designer.state_dict().items()}

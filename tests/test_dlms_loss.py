@@ -1,0 +1,120 @@
+"""DLMS's final-step feature distance (students/feature_loss.py, train.final_loss / train.feature_weight)."""
+
+import types
+
+import pytest
+import torch
+
+from solverdistill import students
+from solverdistill.digits import load_classifier
+from solverdistill.errors import BadInput
+from solverdistill.recipes import load_recipe
+from solverdistill.students import dlms
+from solverdistill.students.feature_loss import feature_network
+from solverdistill.teacher import TeacherCache
+from solverdistill.teacher.run import run_teacher
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, recipe_file):
+    root = tmp_path_factory.mktemp("dlms_loss")
+    path = recipe_file(
+        root / "r.yaml",
+        name="tiny",
+        teacher={"steps": 32, "num_samples": 80, "batch": 80, "cache": str(root / "cache"), "compute_dtype": "float64"},
+    )
+    run_teacher(load_recipe(path))
+    return TeacherCache.open(root / "cache")
+
+
+def stub(spec, shape, **extra):
+    return types.SimpleNamespace(spec=spec, shape=shape, device=torch.device("cpu"), **extra)
+
+
+def configs(**train):
+    return students.get("dlms").configs(
+        {"method": "dlms", "nfe": 3}, {"heldout": 16, "validation": 16, "batch": 16, "eval_every": 2, **train}
+    )
+
+
+def test_digit_features_backpropagate_to_the_samples():
+    net = feature_network(stub("toy:unet-digits?guidance=2", (1, 16, 16)))
+    x = (torch.rand(4, 1, 16, 16, dtype=torch.float64) * 1.6 - 0.8).requires_grad_()
+    f = net(x)
+    assert torch.equal(f.detach(), load_classifier()(x.detach().float())[0])  # the FD's own features
+    f.pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (stub("gmm:tiny", (2,)), "train.final_loss: features: gmm:tiny .* has no feature network"),
+        (stub("diffusers:sd", (4, 64, 64), decode=lambda z: z), "train.final_loss: features: .* latent L2"),
+    ],
+)
+def test_models_without_a_feature_network_are_refused(model, match):
+    with pytest.raises(BadInput, match=match):
+        feature_network(model)
+
+
+def test_rgb_models_need_the_inception_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("SDISTILL_INCEPTION", str(tmp_path / "none.pt"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(BadInput, match="train.final_loss: features on gmm:cifar needs the Inception-v3 weights"):
+        feature_network(stub("gmm:cifar", (3, 32, 32)))
+
+
+def test_keys_are_validated():
+    with pytest.raises(BadInput, match="train.final_loss"):
+        configs(final_loss="lpips")
+    with pytest.raises(BadInput, match="train.feature_weight"):
+        configs(final_loss="features", feature_weight=-1.0)
+
+
+def test_fit_refuses_features_on_a_model_without_them_before_training(cache, tiny64, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("trained before the refusal")
+
+    monkeypatch.setattr(dlms, "train_once", no_training)
+    s, t = configs(final_loss="features", iterations=2)
+    with pytest.raises(BadInput, match="train.final_loss: features: gmm:tiny"):
+        students.get("dlms").fit(cache, tiny64, s, t)
+
+
+def test_the_feature_term_enters_training(cache, tiny64, monkeypatch):
+    """A stand-in feature network on gmm:tiny: weight 0 trains exactly as l2, a weight changes the result, and
+    with loss: endpoint and final_weight 0 the feature term alone trains the student."""
+    calls = []
+
+    def fake_network(model):
+        def net(x):
+            calls.append(x.requires_grad)
+            return torch.tanh(3 * x.flatten(1))
+
+        return net
+
+    monkeypatch.setattr(dlms, "feature_network", fake_network)
+    method = students.get("dlms")
+
+    def fitted(**train):
+        s, t = configs(iterations=4, **train)
+        return [r for _, r in method.fit(cache, tiny64, s, t).meta["training"]["validation_rmse_history"]]
+
+    base = fitted()  # validation RMSE at iterations 0, 2, 4: the trained designer's trace
+    assert fitted(final_loss="features", feature_weight=0.0) == base
+    assert fitted(final_loss="features", feature_weight=5.0) != base
+    assert any(calls)  # the student's endpoint went through the network with its graph
+    only = fitted(final_loss="features", loss="endpoint", final_weight=0.0, feature_weight=1.0)
+    assert only[1:] != [only[0]] * 2  # the feature term alone moved the designer
+    with pytest.raises(BadInput, match="train.final_weight"):
+        fitted(final_loss="l2", loss="endpoint", final_weight=0.0)
+
+
+def test_feature_term_is_zero_at_the_target_and_scaled_by_the_variance():
+    net = lambda x: x.flatten(1) * 2.0  # noqa: E731
+    term = dlms.FeatureTerm(net, scale=4.0, weight=3.0)
+    target = torch.randn(5, 2, dtype=torch.float64)
+    assert float(term(target, target)) == 0.0
+    x = target + 0.5
+    assert float(term(x, target)) == pytest.approx(3.0 * 1.0 / 4.0)  # (2 * 0.5)^2 = 1 per feature
