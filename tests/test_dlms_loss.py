@@ -1,6 +1,7 @@
 """DLMS's final-step feature distance (students/feature_loss.py, train.final_loss / train.feature_weight)."""
 
 import types
+import warnings
 
 import pytest
 import torch
@@ -118,3 +119,36 @@ def test_feature_term_is_zero_at_the_target_and_scaled_by_the_variance():
     assert float(term(target, target)) == 0.0
     x = target + 0.5
     assert float(term(x, target)) == pytest.approx(3.0 * 1.0 / 4.0)  # (2 * 0.5)^2 = 1 per feature
+
+
+class ScriptedFeatures(torch.nn.Module):
+    """A TorchScript stand-in with the Inception file's calling convention ([0, 255] floats in, features out);
+    `cut` quantises to uint8 inside, as a network that gives no gradient would."""
+
+    def __init__(self, cut: bool):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.cut = cut
+
+    def forward(self, x, return_features: bool = True):
+        if self.cut:
+            x = x.to(torch.uint8).to(torch.float32)
+        x = torch.nn.functional.interpolate(x, size=(40, 40), mode="bilinear", align_corners=False)
+        return torch.nn.functional.adaptive_avg_pool2d(self.conv(x / 128 - 1), 1).flatten(1)
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_inception_features_must_backpropagate(cut, monkeypatch, tmp_path):
+    path = tmp_path / "inception-2015-12-05.pt"
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; the Inception file is TorchScript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(ScriptedFeatures(cut)).save(str(path))
+    monkeypatch.setenv("SDISTILL_INCEPTION", str(path))
+    model = stub("gmm:cifar", (3, 32, 32))
+    if cut:
+        with pytest.raises(BadInput, match="train.final_loss: features: inception-2015-12-05.pt (does not backpropagate|gives no gradient)"):
+            feature_network(model)
+        return
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    feature_network(model)(x * 2 - 1).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

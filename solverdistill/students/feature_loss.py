@@ -57,7 +57,8 @@ def inception_network(path: Any, device: Any) -> FeatureNet:
             raise BadInput(
                 f"train.final_loss: {path} is not a loadable TorchScript file ({type(e).__name__})"
             ) from None
-    net.requires_grad_(False)
+    for p in net.parameters():  # ScriptModules have no requires_grad_
+        p.requires_grad_(False)
 
     def features(x: torch.Tensor) -> torch.Tensor:
         f = net((x.to(torch.float32).clamp(-1, 1) + 1) * 127.5, return_features=True)
