@@ -146,9 +146,31 @@ def test_inception_features_must_backpropagate(cut, monkeypatch, tmp_path):
     monkeypatch.setenv("SDISTILL_INCEPTION", str(path))
     model = stub("gmm:cifar", (3, 32, 32))
     if cut:
-        with pytest.raises(BadInput, match="train.final_loss: features: inception-2015-12-05.pt (does not backpropagate|gives no gradient)"):
+        with pytest.raises(
+            BadInput,
+            match="train.final_loss: features: inception-2015-12-05.pt (does not backpropagate|gives no gradient)",
+        ):
             feature_network(model)
         return
     x = torch.rand(2, 3, 32, 32, requires_grad=True)
     feature_network(model)(x * 2 - 1).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_free_query_times_are_any_positive_factor_and_start_at_the_paper_rule(tiny64, noise):
+    """student.query: free (LD3's decoupled network-input times): k = exp(output), where the paper's k stays in
+    [1 - r, 1 + r]; untrained, both are the initial rule exactly."""
+    made = {}
+    for query in ("scaled", "free"):
+        cfg = dlms.DLMSStudent(nfe=3, query=query)
+        made[query] = dlms.DLMS(cfg, dlms.initial_grid(cfg, 0.002, 80.0)).double()
+    t = torch.tensor([10.0, 1.0], dtype=torch.float64)
+    raw = torch.zeros(2, 5, dtype=torch.float64)
+    raw[:, 4] = torch.tensor([2.0, -3.0])
+    k_scaled = made["scaled"].rule(raw, t, 1)[2]
+    k_free = made["free"].rule(raw, t, 1)[2]
+    assert torch.allclose(k_free, torch.exp(raw[:, 4]))
+    assert bool((k_scaled <= 1.2).all() and (k_scaled >= 0.8).all())
+    x0 = noise(tiny64, 3)
+    with torch.no_grad():
+        assert torch.equal(made["free"].solve(tiny64, x0), made["scaled"].solve(tiny64, x0))

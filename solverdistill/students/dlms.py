@@ -8,7 +8,7 @@ Step n (from t_{n-1} to t_n), data form of the first-order exponential integrato
 
 Coefficients are offsets from an initial rule with sum_j a_{n,j} = 1 by construction; t_n is a learned fraction
 of the remaining log-sigma interval (monotone by construction, the last step lands on t_min); k_n in
-[1 - r, 1 + r] scales the time the model is queried at. Heads start at zero, so the untrained student is the
+[1 - r, 1 + r] (or any k_n > 0 with `query: free`) scales the time the model is queried at. Heads start at zero, so the untrained student is the
 initial rule on the initial grid exactly. Every part can be switched off for ablations.
 
 The student is a coefficient source for the stepping core (solvers/multistep.py): in its terms
@@ -58,6 +58,9 @@ class DLMSStudent:
     learn_grid: bool = True
     time_scaling: bool = True
     scale_range: float = field(default=0.2, metadata={"min": 0.0, "max": 0.9})  # k = 1 +- r stays > 0
+    # `scaled`: the paper's k in [1 - r, 1 + r]; `free`: k = exp(output), any positive factor, so the time the
+    # network is queried at is learned on its own (LD3's decoupled times, Tong et al. 2025).
+    query: str = field(default="scaled", metadata={"choices": ("scaled", "free")})
     features: str = field(default="auto", metadata={"choices": ("auto", "denoised", "bottleneck")})
 
 
@@ -228,7 +231,9 @@ class DLMS(nn.Module):
             logit = self.time_offset[step].to(dt) + (raw[:, p - 1] if self.cfg.learn_grid else 0.0)
             f = sigmoid(logit)
             t_next = torch.exp(torch.log(t) + f * (torch.log(t_min) - torch.log(t))).clamp(min=float(t_min))
-        if self.cfg.time_scaling:
+        if self.cfg.time_scaling and self.cfg.query == "free":
+            k_next = torch.exp(raw[:, p])
+        elif self.cfg.time_scaling:
             k_next = 1 + self.cfg.scale_range * (2 * sigmoid(raw[:, p]) - 1)
         else:
             k_next = torch.ones_like(t)
