@@ -52,6 +52,7 @@ ap.add_argument("--seeds", default="0", help="train seeds (train.seed), comma-se
 ap.add_argument("--curve", help="JSON file with the handcrafted curve: read when present, written otherwise")
 ap.add_argument("--out", help="append the table to this markdown file")
 ap.add_argument("--fd", type=int, default=0, help="toy:unet-digits: also FD (digit features) of N samples")
+ap.add_argument("--max-nfe", type=int, default=20, help="the handcrafted curve's largest NFE (FD: at most 12)")
 ap.add_argument("--fd-seed", type=int, default=1_000_000, help="first seed of the FD samples (none is in the cache)")
 args = ap.parse_intermixed_args()
 
@@ -77,7 +78,7 @@ if saved and (not args.fd or saved.get("fd_samples") == args.fd):
     fd_name = {int(k): v for k, v in saved.get("fd_best", {}).items()}
 else:
     curve, best_name, fd_curve, fd_name = {}, {}, {}, {}
-    for m in range(2, 21):
+    for m in range(2, args.max_nfe + 1):
         plans = solvers.sweep(m, model)
         base = {name: heldout_rmse(p, model, cache, held) for name, p in plans.items()}
         best_name[m] = min(base, key=base.get)

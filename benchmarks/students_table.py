@@ -1,11 +1,17 @@
 """The Results table: held-out endpoint RMSE of the best handcrafted solver per NFE, D-ODE and DLMS, with
 acceleration ratios (docs/evaluation.md). Usage:
-    python benchmarks/students_table.py RECIPE [OUT.md] [--nfe 3,4,5,6,8]
-Uses the recipe's teacher cache (built first when missing) and its student/train sections for DLMS."""
+    python benchmarks/students_table.py RECIPE [OUT.md] [--nfe 3,4,5,6,8] [--set KEY=VALUE ...] [--curve FILE.json]
+Uses the recipe's teacher cache (built first when missing) and its student/train sections for DLMS; `--set`
+overrides recipe keys (train.lr_decay=cosine, teacher.num_samples=1024); `--curve` reuses (or writes) the best
+handcrafted curve in the format benchmarks/dlms_ablation.py writes."""
 
 import argparse
+import json
 import math
 import time
+from pathlib import Path
+
+import yaml
 
 from solverdistill import solvers, students
 from solverdistill.evaluation import acceleration_ratio, heldout_rmse
@@ -16,20 +22,28 @@ ap = argparse.ArgumentParser()
 ap.add_argument("recipe")
 ap.add_argument("out", nargs="?", default="out/students_table.md")
 ap.add_argument("--nfe", default="3,4,5,6,8")
+ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
+ap.add_argument("--curve", help="JSON file with the handcrafted curve: read when present, written otherwise")
 args = ap.parse_args()
-recipe = load_recipe(args.recipe)
+recipe = load_recipe(args.recipe, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
 ws = open_workspace(recipe)
 model, cache = ws.model, ws.cache
 dlms, dode = students.get("dlms"), students.get("dode")
 _, s_dlms, t_dlms = method_configs(recipe, "dlms")
 _, held = cache.split(t_dlms.samples, t_dlms.heldout)
 
-curve, best_name = {}, {}
-for nfe in range(2, 21):
-    base = {name: heldout_rmse(p, model, cache, held) for name, p in solvers.sweep(nfe, model).items()}
-    best_name[nfe] = min(base, key=base.get)
-    curve[nfe] = base[best_name[nfe]]
-    print(f"handcrafted NFE {nfe}: best {best_name[nfe]} {curve[nfe]:.4f}", flush=True)
+if args.curve and Path(args.curve).is_file():
+    saved = json.loads(Path(args.curve).read_text())
+    curve, best_name = {int(k): v for k, v in saved["curve"].items()}, {int(k): v for k, v in saved["best"].items()}
+else:
+    curve, best_name = {}, {}
+    for nfe in range(2, 21):
+        base = {name: heldout_rmse(p, model, cache, held) for name, p in solvers.sweep(nfe, model).items()}
+        best_name[nfe] = min(base, key=base.get)
+        curve[nfe] = base[best_name[nfe]]
+        print(f"handcrafted NFE {nfe}: best {best_name[nfe]} {curve[nfe]:.4f}", flush=True)
+    if args.curve:
+        Path(args.curve).write_text(json.dumps({"curve": curve, "best": best_name, "held": len(held)}))
 
 rows = []
 for nfe in [int(v) for v in args.nfe.split(",")]:
