@@ -2,7 +2,8 @@
 
 A name is a handcrafted solver (`euler`, `dpm++`, with `+afs` for the analytical first step), an artifact path,
 or a registered student method (`dlms`, `dode`, `sfd`, or a plugin's) whose artifact for this model and NFE is
-found in the artifact folders, or distilled from the recipe's teacher cache when missing.
+found in the artifact folders, or distilled when missing: from the recipe's teacher cache, or with `--model` from
+the recipe the model names as its default (`model.default_recipe`, e.g. toy:unet-digits).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .pipeline import (
     recipe_model,
     teacher_cache,
 )
-from .recipes import Recipe, path_notes
+from .recipes import Recipe, load_recipe, path_notes
 from .solvers import get as get_solver
 from .solvers import plan
 from .solvers.base import Solver
@@ -88,6 +89,37 @@ class Comparison:
             if r["metric"] == metric:
                 out[r["nfe"]] = pick(out.get(r["nfe"], r["value"]), r["value"])
         return out
+
+
+def default_metrics(model: Denoiser) -> list[str]:
+    """`--metric` when not given: RMSE, plus the Frechet distance in the features `fid` picks for this model's
+    samples where those are measured against real data (digit features for toy:unet-digits: `fid.DIGIT_MODELS`)."""
+    from .fid import DIGIT_MODELS
+
+    return ["rmse", "digits"] if model.spec.partition("?")[0] in DIGIT_MODELS else ["rmse"]
+
+
+def model_recipe(model: Denoiser, device: str = "auto") -> Optional[tuple[Recipe, Denoiser]]:
+    """The recipe a model names for distilling its missing students (`model.default_recipe`, a recipe file), with
+    the recipe's model resolved, when that is this very model (same fingerprint); None when it names none."""
+    path = getattr(model, "default_recipe", None)
+    if path is None or not Path(path).is_file():
+        return None
+    rec = load_recipe(path)
+    rec_model = recipe_model(rec, device)
+    if rec_model.fingerprint != model.fingerprint:
+        return None  # a recipe for another model (other weights or options) cannot make this one's students
+    return rec, rec_model
+
+
+def recipe_summary(rec: Recipe) -> str:
+    """`recipes/x.yaml (teacher: dpm++3m, 32 logsnr steps, 384 seeds -> cache/x; student: {...}; train: {...})`."""
+    t = rec.teacher
+    keys = lambda d: "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
+    return (
+        f"{rec.path} (teacher: {t.solver}, {t.steps} {t.schedule} steps, {t.num_samples} seeds -> "
+        f"{rec.cache_dir()}; student: {keys(rec.student)}; train: {keys(rec.train)})"
+    )
 
 
 def split_afs(name: str) -> tuple[str, bool]:
@@ -259,7 +291,7 @@ def run_compare(
     model_spec: Optional[str] = None,
     num: int = 1000,
     seed: Optional[int] = None,
-    metrics: Sequence[str] = ("rmse",),
+    metrics: Optional[Sequence[str]] = None,
     folders: Sequence[Path] = (Path("out"), Path("solvers")),
     batch: int = 250,
     say: Say = print,
@@ -269,14 +301,16 @@ def run_compare(
     comp: Optional[Comparison] = None,
 ) -> Comparison:
     """Sample every (name, NFE) from the same seeds and measure each metric against the reference endpoints:
-    the recipe's held-out teacher trajectories, or an RK4 solve of `model_spec`.
+    the recipe's held-out teacher trajectories, or an RK4 solve of `model_spec`. Students missing with
+    `model_spec` are distilled with the recipe the model names (`model.default_recipe`), if it names one.
+    `metrics` None: `default_metrics` of the model.
 
     Everything that can be checked is checked before any work (names, metrics and their weights, the artifact of
     every student at every NFE and its fingerprint, the settings of those to distill); the students the recipe
     will distill are said up front. Rows go into `comp` (a fresh one by default) as they are measured, so a
     caller keeps what was computed before a later failure."""
     comp = comp if comp is not None else Comparison()
-    for m in metrics:
+    for m in metrics or ():
         if m not in METRICS:
             raise BadInput(f"--metric: unknown metric {m!r}; choose from {', '.join(METRICS)}")
     if any(n < 1 for n in nfes):
@@ -291,12 +325,10 @@ def run_compare(
             "dpm++,dlms --nfe 5"
         )
     check_names(names)
-    if "fid" in metrics:
+    if "fid" in (metrics or ()):
         from .fid import inception_path
 
         inception_path(inception)  # the weights file, before any sampling
-    if "digits" in metrics:
-        from .fid import digits_fd
     for note in nfe_notes(nfes):
         say(note)
     train = None
@@ -307,8 +339,21 @@ def run_compare(
         model = recipe_model(recipe, train.device)
     else:
         model = resolve(model_spec)
+    if metrics is None:
+        metrics = default_metrics(model)
+        if metrics != ["rmse"]:
+            say(f"--metric {','.join(metrics)} (the default for {model.spec})")
+    if "digits" in metrics:
+        from .fid import digits_fd
     resolver = Resolver(model, None, list(folders), say, progress_factory, recipe)
     cells = [c for name in names for nfe in nfes if (c := resolver.plan(name, nfe)) is not None]
+    own = None  # with --model: the model's own recipe, for students that are missing
+    if recipe is None and any(c.distill for c in cells) and (own := model_recipe(model)) is not None:
+        resolver.recipe = own[0]
+        say(f"--model {model.spec}: missing students are distilled with its default recipe {recipe_summary(own[0])}")
+        for note in path_notes(own[0]):
+            say(note)
+        cells = [c for name in names for nfe in nfes if (c := resolver.plan(name, nfe)) is not None]
     resolver.check(cells)
     comp.kinds = {c.name: c.kind for c in cells}
     if "digits" in metrics and tuple(model.shape) != (1, 16, 16):
@@ -333,18 +378,30 @@ def run_compare(
             if cell.distill:
                 resolver.distill(cell)
     else:
+        if own is not None:  # the students first: the teacher and the fits are the long, fallible part
+            rec, rec_model = own
+            cache, built = teacher_cache(rec, rec_model, say, progress_factory)
+            resolver.workspace = Workspace(rec, rec_model, cache, built)
+            for cell in cells:
+                if cell.distill:
+                    resolver.distill(cell)
         first = REFERENCE_SEED if seed is None else seed
         seeds = list(range(first, first + num))
         steps = 256
-        with progress_factory(num, f"reference: RK4 in log sigma, {steps} steps, float64, {num} seeds") as bar:
-            ref = reference_endpoints(model, seeds, steps=steps, batch=batch, progress=bar).float()
-        comp.reference = f"RK4 in log sigma, {steps} steps, float64 (run by compare)"
+        if set(metrics) <= {"digits"}:  # measured against the held-out real digits: no RK4 solve (minutes) needed
+            ref = None
+            comp.reference = "none (--metric digits compares with the held-out real digits)"
+        else:
+            with progress_factory(num, f"reference: RK4 in log sigma, {steps} steps, float64, {num} seeds") as bar:
+                ref = reference_endpoints(model, seeds, steps=steps, batch=batch, progress=bar).float()
+            comp.reference = f"RK4 in log sigma, {steps} steps, float64 (run by compare)"
     comp.samples = len(seeds)
     exact = (model.data_mean().numpy(), model.data_cov().numpy()) if hasattr(model, "data_cov") else None
     ref_stats = None
     grid_nfe = grid_nfe or sorted(nfes)[len(nfes) // 2]
     show = min(8, len(seeds))
-    comp.grid_images["reference"] = ref[:show].numpy()
+    if ref is not None:
+        comp.grid_images["reference"] = ref[:show].numpy()
     with progress_factory(len(cells) * len(seeds), f"sampling {len(cells)} solver x NFE cells") as bar:
         for cell in cells:
             bar(0, info=f"{cell.name} NFE {cell.nfe}")

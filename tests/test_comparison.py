@@ -128,6 +128,7 @@ def test_compare_digits_metric_is_fd_in_digit_features_with_the_class_report(tmp
     m = resolve(spec)
     want = digits_fd(generate(m, plan("euler", 3, m), list(range(1000000, 1000008))).x.float()).distance
     assert [(x["metric"], x["nfe"]) for x in doc["rows"]] == [("digits", 3)]
+    assert doc["reference"].startswith("none")  # measured against real digits: no RK4 solve
     assert doc["rows"][0]["value"] == pytest.approx(want, rel=1e-6)
     [c] = doc["classes"]
     assert (c["solver"], c["nfe"], c["samples"], sum(c["class_histogram"])) == ("euler", 3, 8, 8)
@@ -266,3 +267,78 @@ def test_unwritable_output_is_bad_input(tmp_path, cli):
         "--quiet",
     )
     assert r.exit_code == 2 and "--json: cannot write" in r.output and "is a file, not a folder" in r.output
+
+
+OWN_RECIPE_MODEL = """
+from solverdistill.models import resolve
+
+RECIPE = [None]
+
+
+def make():
+    m = resolve("gmm:tiny")
+    m.default_recipe = RECIPE[0]  # the recipe compare --model distills this model's missing students with
+    return m
+"""
+
+
+def test_compare_model_distills_missing_students_with_its_default_recipe(tmp_path, cli, recipe_file, monkeypatch):
+    """A model may name a default recipe (`model.default_recipe`): compare --model distills the students it lacks
+    with it, says so (recipe, settings, where the artifact goes), and still measures against its RK4 reference."""
+    import importlib
+    import sys
+
+    (tmp_path / "ownmod.py").write_text(OWN_RECIPE_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("ownmod", None)
+    ownmod = importlib.import_module("ownmod")
+    recipe = recipe_file(
+        tmp_path / "own.yaml",
+        name="own",
+        model="python:ownmod:make",
+        teacher={"steps": 16, "num_samples": 40, "batch": 40, "cache": str(tmp_path / "cache")},
+        student={"method": "dode", "nfe": 3, "base": "euler"},
+        train={"samples": 20, "heldout": 20},
+    )
+    ownmod.RECIPE[0] = recipe
+    base = ["compare", "--model", "python:ownmod:make", "--nfe", "3", "--num", 6, "--artifacts", tmp_path / "arts"]
+    r = cli(*base, "--solvers", "euler,dode", "--json", tmp_path / "c.json", "--quiet")
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert f"missing students are distilled with its default recipe {recipe} (teacher: dpm++3m, 16 logsnr" in said
+    assert "40 seeds" in said and "student: {method: dode, nfe: 3, base: euler}" in said
+    assert f"({tmp_path / 'arts' / 'own_dode_nfe3.npz'})" in said  # where the artifact goes, said up front
+    assert said.index("default recipe") < said.index("building it first")  # said before the teacher runs
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["reference"].startswith("RK4") and doc["samples"] == 6
+    assert {(x["solver"], x["nfe"], x["metric"]) for x in doc["rows"]} == {("euler", 3, "rmse"), ("dode", 3, "rmse")}
+    [art] = artifacts.scan([tmp_path / "arts"]).values()
+    assert (art.method, art.meta["nfe"], art.meta["teacher"]["steps"]) == ("dode", 3, 16)
+    # Found the second time: nothing distilled.
+    r = cli(*base, "--solvers", "dode", "--quiet")
+    assert r.exit_code == 0 and "default recipe" not in r.output and "distilling" not in r.output
+    # A default recipe of another model (here other weights: gmm:ring2d) is no recipe for this one: exit 2 as
+    # for a model without one, naming the missing (method, NFE).
+    recipe_file(recipe, name="own", model="gmm:ring2d", teacher={"steps": 16, "num_samples": 40})
+    r = cli(*base, "--solvers", "dlms", "--quiet")
+    assert r.exit_code == 2 and ": dlms at NFE 3. Distill them on the way with --recipe" in r.output
+
+
+def test_compare_metric_defaults_to_the_models_fd_features(tmp_path, cli, monkeypatch):
+    """Without --metric: RMSE, plus the FD in the features `fid` picks for the model's samples when they are the
+    digit features (fid.DIGIT_MODELS); RMSE only otherwise."""
+    from solverdistill import fid
+
+    spec = "gmm:shape=1x16x16,components=3,rank=4,seed=3"
+    args = ["--solvers", "euler", "--nfe", "3", "--num", 8, "--quiet", "--json", tmp_path / "c.json"]
+    r = cli("compare", "--model", spec, *args)
+    assert r.exit_code == 0, r.output
+    assert [x["metric"] for x in json.loads((tmp_path / "c.json").read_text())["rows"]] == ["rmse"]
+    monkeypatch.setattr(fid, "DIGIT_MODELS", (*fid.DIGIT_MODELS, spec))
+    r = cli("compare", "--model", spec, *args)
+    assert r.exit_code == 0, r.output
+    assert f"--metric rmse,digits (the default for {spec})" in " ".join(r.output.split())
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert [x["metric"] for x in doc["rows"]] == ["rmse", "digits"] and doc["classes"][0]["samples"] == 8
+    r = cli("compare", "--model", spec, *args, "--metric", "psnr")  # an explicit --metric is kept
+    assert r.exit_code == 0 and [x["metric"] for x in json.loads((tmp_path / "c.json").read_text())["rows"]] == ["psnr"]

@@ -43,10 +43,10 @@ def command(
     ),
     num: int = typer.Option(1000, "--num", help="Number of seeds."),
     seed: Optional[int] = typer.Option(None, "--seed", help="First seed (with --model; default 1000000)."),
-    metric: str = typer.Option(
-        "rmse",
+    metric: Optional[str] = typer.Option(
+        None,
         "--metric",
-        help="Comma-separated: rmse, psnr, fd, fid, digits (FD in digit features against the held-out digits, with the classifier's class report).",
+        help="Comma-separated: rmse, psnr, fd, fid, digits (FD in digit features against the held-out digits, with the classifier's class report). Default: rmse, plus the model's FD features where they are real-data ones (digits for toy:unet-digits).",
     ),
     artifacts_dir: Optional[str] = typer.Option(
         None, "--artifacts", help="Artifact folders, comma-separated (default: out, then solvers)."
@@ -67,7 +67,7 @@ def command(
 ):
     """Compare solvers across NFEs on the same seeds (needs --recipe or --model): tables, acceleration ratios, plots.
 
-    The reference endpoints are --recipe's teacher cache (students missing from --artifacts are distilled from it) or an RK4 solve of --model.
+    The reference endpoints are --recipe's teacher cache (students missing from --artifacts are distilled from it) or an RK4 solve of --model (missing students are distilled with the model's default recipe where it names one, e.g. toy:unet-digits).
 
     Example: sdistill compare --model gmm:cifar --solvers ddim,dpm++,ipndm,solvers/gmm_cifar_dlms_nfe5.npz --nfe 3,5,8
     """
@@ -78,7 +78,7 @@ def command(
 
     names = parse_list(solvers_, "--solvers")
     nfes = parse_list(nfe, "--nfe", int)
-    metrics = parse_list(metric, "--metric")
+    metrics = parse_list(metric, "--metric") if metric is not None else None  # None: the model's default
     rec = load_recipe(recipe) if recipe else None
     # Handcrafted names become NAME@PROTOCOL: their rows say which protocol ran them.
     chosen = protocol or (rec.protocol if rec is not None else "default")
@@ -110,19 +110,18 @@ def command(
     except BaseException:
         if comp.rows:  # keep what was measured before the failure: print it and write the files asked for
             try:
-                report(comp, metrics, names, nfes, outputs, began)
+                report(comp, names, nfes, outputs, began)
                 say(f"kept the {len(comp.rows)} results measured before the failure (above)")
             except Exception as e:  # the failure being reported matters more
                 say(f"could not keep the {len(comp.rows)} results measured before the failure: {e}")
         raise
-    report(comp, metrics, names, nfes, outputs, began)
+    report(comp, names, nfes, outputs, began)
 
 
-def report(comp, metrics: list[str], names: list[str], nfes: list[int], outputs: dict, began: float) -> None:
-    """The tables, the acceleration ratios and the files asked for."""
-    for m in metrics:
-        if any(r["metric"] == m for r in comp.rows):
-            out.print(table(comp, m, names, nfes))
+def report(comp, names: list[str], nfes: list[int], outputs: dict, began: float) -> None:
+    """The tables (one per metric measured), the acceleration ratios and the files asked for."""
+    for m in dict.fromkeys(r["metric"] for r in comp.rows):
+        out.print(table(comp, m, names, nfes))
     for c in comp.classes:  # --metric digits: what the digit classifier reads (docs/digits.md)
         line(
             f"digits: {c['solver']} at NFE {c['nfe']}: {c['confident_share']:.1%} read with p >= "

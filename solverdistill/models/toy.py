@@ -27,6 +27,9 @@ DIGITS_WEIGHTS = WEIGHTS.with_name("toy_unet_digits.safetensors")
 SIGMA_DATA = 0.5
 # toy:unet-digits: 16x16 grey digits, ten classes and a null class (index 10) for the unconditional model
 DIGITS_NET = {"channels": (32, 64, 128), "img_channels": 1, "num_classes": 10, "steps_embed": 16}
+# The recipe `compare --model toy:unet-digits` distills missing students with (the demo's; docs/evaluation.md):
+# found in a source checkout, as recipes/ is not package data.
+DIGITS_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "digits_demo.yaml"
 
 
 class ResBlock(nn.Module):
@@ -122,6 +125,7 @@ class ToyDenoiser(Denoiser):
         self.passes_per_call = 2 if guidance is not None and guidance != 1.0 else 1
         self.step_condition = None  # SFD-v sets the number of sampling steps here
         self.last_features = None
+        self.default_recipe: Path | None = None  # `compare --model` distills missing students with it
 
     @property
     def conditional(self) -> bool:
@@ -230,7 +234,10 @@ def load(body: str, spec: str) -> ToyDenoiser:
     fp = weights_fingerprint(path)
     if guidance is not None or fixed is not None:  # another denoiser: caches and artifacts must tell them apart
         fp += f"?guidance={guidance}&class={fixed}"
-    return ToyDenoiser(net.eval(), spec, fp, (1, 16, 16), guidance, fixed)
+    den = ToyDenoiser(net.eval(), spec, fp, (1, 16, 16), guidance, fixed)
+    if guidance is None and fixed is None and DIGITS_RECIPE.is_file():
+        den.default_recipe = DIGITS_RECIPE  # its teacher is the unconditional model's
+    return den
 
 
 def train(
