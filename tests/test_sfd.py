@@ -274,7 +274,7 @@ def test_online_targets_are_the_teacher_solvers_states_on_the_student_grid(toy, 
     assert torch.allclose(sfd.refined(grid, 2, 7.0), fine, rtol=1e-12)
     for row in seen:
         seeds = row["seeds"]
-        assert len(seeds) == 4 and not np.isin(seeds, cache.seeds).any()
+        assert len(seeds) == 4 and (seeds >= 2**52).all() and not np.isin(seeds, cache.seeds).any()
         assert torch.equal(row["x"], initial_noise(seeds.tolist(), model.shape) * 80.0)
         states = []
         with torch.no_grad():

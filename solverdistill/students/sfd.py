@@ -106,12 +106,10 @@ def online_targets(model: Denoiser, plan: Plan, x: torch.Tensor, cond: torch.Ten
     return torch.stack([*states, final], 1)
 
 
-def fresh_seeds(rng: np.random.Generator, n: int, cache: TeacherCache) -> np.ndarray:
-    """Per-sample seeds for one online batch, drawn from the train seed's generator over [0, 2^53) less the cache's
-    seeds, so the held-out trajectories (cached seeds) are never trained on."""
-    lo, count = int(cache.spec["seed"]), cache.num_samples
-    u = rng.integers(0, 2**53 - count, size=n)
-    return np.where(u < lo, u, u + count)
+def fresh_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Per-sample seeds for one online batch, drawn from the train seed's generator in [2^52, 2^53): recipe seeds
+    stay below 10^15 < 2^52, so cached (held-out) seeds and any evaluation seed below 2^52 are never trained on."""
+    return 2**52 + rng.integers(0, 2**52, size=n)
 
 
 def nfes_of(s: SFDStudent) -> list[int]:
@@ -277,7 +275,7 @@ def tune(
         grid = student_grid(s, model, nfe)
         if online:
             # Fresh noise every iteration (per-sample seeds); the frozen original network is the teacher.
-            seeds = distributed.shard(fresh_seeds(rng, rows_per_batch, cache))
+            seeds = distributed.shard(fresh_seeds(rng, rows_per_batch))
             share = rows_per_batch
             x = initial_noise(seeds, model.shape, model.dtype, model.device) * float(grid[0])
             cond = draw_cond(model, seeds)
