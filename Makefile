@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(dir $(PYTHON)).sdistill-installed
 PYTEST_ARGS ?=
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lint test demo demo-gmm bench clean
 
 install: $(STAMP)
 
@@ -30,17 +30,37 @@ lint: install
 test: install
 	$(PYTHON) -m pytest -q -n 2 $(PYTEST_ARGS)
 
-# The quick start: teacher trajectories -> DLMS at NFE 5 -> samples with it (about a minute on 2 CPU cores;
-# a 128 MB cache in cache/quickstart_small; README "Quick start" has the measured figures).
-# One thread: the demo's tensors are small, and on a busy machine two threads that wait for each other ran 5x
-# slower (20 DLMS iterations: 141 s with two threads, 28 s with one, while other jobs used the cores).
+# The demo (README "Quick start"): on toy:unet-digits, a network trained on real handwritten digits, teacher ->
+# DLMS at NFE 5 -> 512 samples; prints their FD next to the best handcrafted solver's at NFE 5 (same seeds) and
+# draws both (out/demo/grid.png). The handcrafted solvers need neither the teacher nor the student, so they run on
+# the second core meanwhile (out/demo/handcrafted.log). One torch thread per process: on this 2-core machine two
+# threads per process ran the network 3x slower (README "Quick start" has the measurements).
 DEMO_THREADS ?= 1
+DEMO_SEEDS := --num 512 --seed 1000000
 demo: install
+	@mkdir -p out/demo
+	@echo "background: python -m solverdistill.digits handcrafted --nfe 5 $(DEMO_SEEDS) --out out/demo/handcrafted.npz"
+	@OMP_NUM_THREADS=$(DEMO_THREADS) $(PYTHON) -m solverdistill.digits handcrafted --nfe 5 $(DEMO_SEEDS) \
+		--out out/demo/handcrafted.npz > out/demo/handcrafted.log 2>&1 & hand=$$!; \
+	trap 'kill $$hand 2>/dev/null' INT TERM; \
+	run() { echo "sdistill $$*"; OMP_NUM_THREADS=$(DEMO_THREADS) $(PYTHON) -m solverdistill "$$@"; }; \
+	if ! { run teacher recipes/digits_demo.yaml && run distill recipes/digits_demo.yaml && \
+		run sample --solver out/digits_demo_dlms_nfe5.npz $(DEMO_SEEDS) --batch 256 --out out/demo --quiet; }; \
+	then kill $$hand 2>/dev/null; exit 1; fi; \
+	wait $$hand || { cat out/demo/handcrafted.log; exit 1; }
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PYTHON) -m solverdistill.digits demo out/demo/samples.npz \
+		--handcrafted out/demo/handcrafted.npz --picture out/demo/grid.png
+	@echo "next: sdistill compare --model toy:unet-digits --solvers ddim,dpm++,dlms --nfe 4,5 --num 512 --metric digits (finds this DLMS at NFE 5, distills one at NFE 4 with recipes/digits_demo.yaml; without --metric it adds the RMSE against an RK4 solve, minutes more)"
+	@echo "next: make demo-gmm (the analytic-model quick start), then README \"Real images\" and docs/digits.md"
+
+# The earlier quick start on the analytic image model gmm:cifar: teacher -> DLMS at NFE 5 -> samples (about a
+# minute on 2 CPU cores; a 128 MB cache in cache/quickstart_small).
+demo-gmm: install
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PYTHON) -m solverdistill teacher recipes/quickstart.yaml
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PYTHON) -m solverdistill distill recipes/quickstart.yaml
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PYTHON) -m solverdistill sample --solver out/quickstart_dlms_nfe5.npz \
-		--num 64 --seed 1000000 --out out/demo
-	@echo "out/demo/grid.png: 64 samples of gmm:cifar by the distilled DLMS solver at NFE 5 (seeds 1000000..1000063)"
+		--num 64 --seed 1000000 --out out/demo-gmm
+	@echo "out/demo-gmm/grid.png: 64 samples of gmm:cifar by the distilled DLMS solver at NFE 5 (seeds 1000000..1000063)"
 	@echo "next: sdistill compare --recipe recipes/quickstart.yaml --solvers euler+afs,dpm++,ipndm,out/quickstart_dlms_nfe5.npz --nfe 5,8,10,15"
 
 bench: install
@@ -48,15 +68,3 @@ bench: install
 
 clean:
 	rm -rf out .pytest_cache
-
-# The digits demo (docs/digits.md): teacher -> DLMS at NFE 5 -> samples on toy:unet-digits, a network trained on
-# real handwritten digits; prints the FD of the DLMS samples next to the best handcrafted solver at NFE 5.
-# One thread each: on a busy 2-core machine two threads per process fight and run several times slower.
-.PHONY: demo-digits
-demo-digits: export OMP_NUM_THREADS ?= 1
-demo-digits: install
-	$(PYTHON) -m solverdistill teacher recipes/digits_dlms.yaml
-	$(PYTHON) -m solverdistill distill recipes/digits_dlms.yaml
-	$(PYTHON) -m solverdistill sample --solver out/digits_dlms_nfe5.npz --num 512 --batch 256 --seed 1000000 --out out/demo-digits --quiet
-	$(PYTHON) -m solverdistill.digits demo out/demo-digits/samples.npz
-	@echo "sample grid: out/demo-digits/grid.png"

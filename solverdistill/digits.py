@@ -253,7 +253,7 @@ def build(out: Path = DATA, seed: int = 0) -> dict:
     }
 
 
-# --- the demo: a sample set next to every handcrafted solver at its NFE ---------------------------------------
+# --- the demo (`make demo`): a student's samples next to every handcrafted solver at its NFE --------------------
 
 
 @dataclass
@@ -263,52 +263,160 @@ class DemoRow:
     report: ClassReport
 
 
-def against_handcrafted(
-    samples: Path, ref: str = "digits:heldout", batch: int = 256
-) -> tuple[DemoRow, list[DemoRow], int]:
-    """FD (digit features) of a samples.npz of toy:unet-digits, and of every handcrafted solver (with and without
-    AFS) at the same NFE from the same seeds, best first; and that NFE."""
+def handcrafted(
+    spec: str, nfe: int, seeds: list[int], ref: str = "digits:heldout", batch: int = 256
+) -> tuple[list[DemoRow], np.ndarray]:
+    """FD (digit features) of every handcrafted solver, with and without AFS, at `nfe` from `seeds`, best first;
+    and the first 32 samples of the best one (for the demo's picture)."""
     from .fid import digits_fd
     from .generate import generate
     from .models import resolve
-    from .npzfiles import read_npz
     from .solvers import sweep
+
+    model = resolve(spec)
+    rows, best_x = [], None
+    for name, plan in sweep(nfe, model).items():
+        x = generate(model, plan, seeds, batch=batch).x
+        r = digits_fd(x, ref, batch)
+        rows.append(DemoRow(name, r.distance, r.classes))
+        if r.distance <= min(row.fd for row in rows):
+            best_x = x[:32].numpy()
+    return sorted(rows, key=lambda r: r.fd), best_x
+
+
+def write_handcrafted(out: Path, spec: str, nfe: int, num: int, seed: int, ref: str = "digits:heldout") -> None:
+    """`handcrafted` for seeds [seed, seed + num), written to an NPZ that `demo --handcrafted` reads: the demo
+    runs it on the second core while the teacher and the student run on the first (it needs neither)."""
+    from .models import resolve
+    from .npzfiles import check_output, write_npz
+
+    check_output(out, "--out")
+    seeds = list(range(seed, seed + num))
+    rows, best_x = handcrafted(spec, nfe, seeds, ref)
+    meta = {
+        "kind": "digits-handcrafted",
+        "model": spec,
+        "model_fingerprint": resolve(spec).fingerprint,
+        "nfe": nfe,
+        "ref": ref,
+        "rows": [{"solver": r.solver, "fd": r.fd} | r.report.as_dict() for r in rows],
+    }
+    write_npz(out, meta, seeds=np.array(seeds, dtype=np.int64), best_x=best_x)
+
+
+def read_handcrafted(path: Path, fingerprint: str, nfe: int, seeds: np.ndarray, ref: str) -> tuple[list, np.ndarray]:
+    """The rows `write_handcrafted` wrote, checked to be of this model, NFE, seeds and reference."""
+    from .npzfiles import read_npz
+
+    arrays, meta = read_npz(path, "handcrafted FD file")
+    if meta.get("kind") != "digits-handcrafted" or "seeds" not in arrays or "best_x" not in arrays:
+        raise BadInput(f"--handcrafted {path}: expected a file written by `python -m solverdistill.digits handcrafted`")
+    got = (meta.get("model_fingerprint"), meta.get("nfe"), meta.get("ref"), arrays["seeds"].tolist())
+    if got != (fingerprint, nfe, ref, [int(s) for s in seeds]):
+        raise BadInput(
+            f"--handcrafted {path}: made for another model, NFE, reference or seeds than the samples "
+            f"(NFE {meta.get('nfe')}, {len(arrays['seeds'])} seeds from {arrays['seeds'][:1].tolist()}); rerun "
+            f"`python -m solverdistill.digits handcrafted` with the samples' settings"
+        )
+    rows = []
+    for r in meta["rows"]:
+        report = ClassReport(r["samples"], r["confident_share"], r["class_histogram"], r["classes_seen"])
+        rows.append(DemoRow(r["solver"], float(r["fd"]), report))
+    return rows, arrays["best_x"]
+
+
+def against_handcrafted(
+    samples: Path, handcrafted_file: Path | None = None, ref: str = "digits:heldout", batch: int = 256
+) -> tuple[DemoRow, list[DemoRow], int, np.ndarray, np.ndarray]:
+    """FD (digit features) of a samples.npz of toy:unet-digits, and of every handcrafted solver (with and without
+    AFS) at the same NFE from the same seeds, best first (measured here, or read from `handcrafted_file`); that
+    NFE; the first 32 samples of each side."""
+    from .fid import digits_fd
+    from .models import resolve
+    from .npzfiles import read_npz
 
     arrays, meta = read_npz(samples, "samples file")
     spec = str(meta.get("model", ""))
     if spec.partition("?")[0] != "toy:unet-digits" or "seeds" not in arrays or "nfe" not in meta:
         raise BadInput(f"{samples}: expected samples of toy:unet-digits written by `sdistill sample`")
-    model = resolve(spec)
-    seeds = [int(s) for s in arrays["seeds"]]
+    nfe = int(meta["nfe"])
     res = digits_fd(arrays["x"], ref, batch)
     mine = DemoRow(str(meta.get("solver", "?")), res.distance, res.classes)
-    rows = []
-    for name, plan in sweep(int(meta["nfe"]), model).items():
-        r = digits_fd(generate(model, plan, seeds, batch=batch).x, ref, batch)
-        rows.append(DemoRow(name, r.distance, r.classes))
-    return mine, sorted(rows, key=lambda r: r.fd), int(meta["nfe"])
+    if handcrafted_file is not None:
+        rows, best_x = read_handcrafted(handcrafted_file, resolve(spec).fingerprint, nfe, arrays["seeds"], ref)
+    else:
+        rows, best_x = handcrafted(spec, nfe, [int(s) for s in arrays["seeds"]], ref, batch)
+    return mine, rows, nfe, arrays["x"][:32], best_x
 
 
-def demo_summary(samples: Path) -> str:
-    mine, rows, nfe = against_handcrafted(samples)
+def demo_picture(mine: np.ndarray, best: np.ndarray, labels: list[str], title: str, path: Path) -> None:
+    """The same seeds by two solvers, 8 to a row and 3x enlarged, each block labelled, a caption above."""
+    from .images import caption, image_grid, label_rows, save_png
+
+    blocks = []
+    for x in (mine, best):
+        g = image_grid(np.kron(np.asarray(x, dtype=np.float32), np.ones((1, 1, 3, 3), dtype=np.float32)), cols=8)
+        blocks += [g, np.full((8, g.shape[1]), 96, dtype=np.uint8)]  # a grey line under each block
+    save_png(caption(label_rows(np.concatenate(blocks), labels), title), path)
+
+
+def demo_summary(samples: Path, handcrafted_file: Path | None = None, picture: Path | None = None) -> str:
+    """The demo's lines: the student's FD next to the best handcrafted solver's at the same NFE and seeds, then the
+    others; `picture`: the two solvers' first 32 samples side by side, captioned."""
+    mine, rows, nfe, mine_x, best_x = against_handcrafted(samples, handcrafted_file)
     best = rows[0]
+    n = mine.report.samples
+    if picture is not None:
+        demo_picture(
+            mine_x,
+            best_x,
+            [f"{mine.solver}, NFE {nfe}, FD {mine.fd:.1f}", f"{best.solver}, best handcrafted, FD {best.fd:.1f}"],
+            f"toy:unet-digits: the same {len(mine_x)} seeds sampled at NFE {nfe} by {mine.solver} (top) and by the "
+            f"best of {len(rows)} handcrafted solvers (bottom). FD: digit-classifier features against the held-out "
+            f"digits, {n} samples; lower is better.",
+            picture,
+        )
+    verdict = "lower (better)" if mine.fd < best.fd else "not lower"
     return "\n".join(
         [
-            f"FD against the held-out digits (digit-classifier features, {mine.report.samples} samples, NFE {nfe}):",
+            f"FD against the held-out digits (digit-classifier features, {n} samples, NFE {nfe}; lower is better):",
             f"  {mine.solver:>12}: {mine.fd:8.2f}   {mine.report.line()}",
-            f"  {best.solver:>12}: {best.fd:8.2f}   (best handcrafted solver at the same NFE) {best.report.line()}",
+            f"  {best.solver:>12}: {best.fd:8.2f}   (best of {len(rows)} handcrafted solvers at the same NFE and "
+            f"seeds) {best.report.line()}",
             "  others: " + ", ".join(f"{r.solver} {r.fd:.1f}" for r in rows[1:]),
+            f"{mine.solver} at NFE {nfe}: FD {mine.fd:.1f}, {verdict} than the best handcrafted solver's "
+            f"{best.fd:.1f} (differences of about 15 are within the noise of {n} samples)"
+            + (f"; picture: {picture}" if picture is not None else ""),
         ]
     )
 
 
 if __name__ == "__main__":
+    import argparse
     import json
     import sys
 
-    if len(sys.argv) >= 2 and sys.argv[1] == "build":
-        print(json.dumps(build(), indent=1))
-    elif len(sys.argv) == 3 and sys.argv[1] == "demo":
-        print(demo_summary(Path(sys.argv[2])))
-    else:
-        print(f"usage: {REBUILD} | python -m solverdistill.digits demo SAMPLES.npz")
+    parser = argparse.ArgumentParser(prog="python -m solverdistill.digits")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("build", help="retrain the classifier and rewrite both statistics (needs the [digits] extra)")
+    h = sub.add_parser("handcrafted", help="FD of every handcrafted solver at one NFE, for `demo --handcrafted`")
+    h.add_argument("--model", default="toy:unet-digits")
+    h.add_argument("--nfe", type=int, required=True)
+    h.add_argument("--num", type=int, default=512)
+    h.add_argument("--seed", type=int, default=1_000_000)
+    h.add_argument("--out", type=Path, required=True)
+    d = sub.add_parser("demo", help="a samples.npz's FD next to the best handcrafted solver's (same NFE and seeds)")
+    d.add_argument("samples", type=Path)
+    d.add_argument("--handcrafted", type=Path, help="their FDs, written by `handcrafted` (else measured here)")
+    d.add_argument("--picture", type=Path, help="write both solvers' first 32 samples here (PNG), captioned")
+    args = parser.parse_args()
+    try:
+        if args.command == "build":
+            print(json.dumps(build(), indent=1))
+        elif args.command == "handcrafted":
+            write_handcrafted(args.out, args.model, args.nfe, args.num, args.seed)
+        else:
+            print(demo_summary(args.samples, args.handcrafted, args.picture))
+    except BadInput as e:  # as the CLI does: one message, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

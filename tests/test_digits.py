@@ -245,3 +245,51 @@ def test_digit_make_ref_round_trip(tmp_path, cli):
     assert r.exit_code == 0, r.output
     r = cli("fid", src, "--ref", tmp_path / "ref.npz", "--features", "digits")
     assert r.exit_code == 0 and abs(float(r.stdout.strip().splitlines()[-1])) < 1e-6, r.output
+
+
+# --- the demo (`make demo`) and compare's default recipe ----------------------------------------------------------
+
+
+def test_digit_model_names_the_demo_recipe_for_compare():
+    """`compare --model toy:unet-digits` distills missing students with recipes/digits_demo.yaml; the guided and
+    per-class models are other denoisers (other fingerprints) and name none."""
+    from solverdistill.comparison import default_metrics, model_recipe
+    from solverdistill.models.toy import DIGITS_RECIPE
+    from solverdistill.pipeline import check_split, method_configs
+    from solverdistill.recipes import load_recipe
+
+    m = resolve("toy:unet-digits")
+    assert m.default_recipe == DIGITS_RECIPE and DIGITS_RECIPE.name == "digits_demo.yaml"
+    rec = load_recipe(DIGITS_RECIPE)
+    assert rec.model.spec == "toy:unet-digits" and rec.output == "out/digits_demo_dlms_nfe5.npz"
+    check_split(rec, method_configs(rec, say=lambda s: None)[2])
+    own, own_model = model_recipe(m)
+    assert own.name == "digits_demo" and own_model.fingerprint == m.fingerprint
+    for spec in ("toy:unet-digits?guidance=2", "toy:unet-digits?class=3"):
+        assert resolve(spec).default_recipe is None
+    assert default_metrics(m) == ["rmse", "digits"] and default_metrics(resolve("gmm:tiny")) == ["rmse"]
+
+
+def test_demo_reads_the_handcrafted_fds_it_would_measure(tmp_path, cli):
+    """`digits handcrafted` (run beside the student in `make demo`) writes what `demo` would measure itself, for
+    the same seeds only; `demo` prints the student next to the best and draws both."""
+    from PIL import Image
+
+    r = cli("sample", "--model", "toy:unet-digits", "--solver", "dpm++", "--nfe", 2, "--num", 8, "--seed", 5,
+            "--out", tmp_path / "s", "--quiet")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    samples = tmp_path / "s" / "samples.npz"
+    digits.write_handcrafted(tmp_path / "h.npz", "toy:unet-digits", 2, 8, 5)
+    mine, rows, nfe, _, best_x = digits.against_handcrafted(samples, tmp_path / "h.npz")
+    mine2, rows2, _, _, best_x2 = digits.against_handcrafted(samples)  # measured here instead
+    assert nfe == 2 and [(r.solver, r.fd) for r in rows] == [(r.solver, r.fd) for r in rows2]
+    assert [r.fd for r in rows] == sorted(r.fd for r in rows) and np.array_equal(best_x, best_x2)
+    assert mine.solver == "dpm++3m" and mine.fd == mine2.fd  # the samples' own solver is among the rows:
+    assert mine.fd == pytest.approx(next(r.fd for r in rows if r.solver == "dpm++3m"), rel=1e-6)  # same seeds
+    text = digits.demo_summary(samples, tmp_path / "h.npz", tmp_path / "grid.png")
+    assert f"  {rows[0].solver:>12}: {rows[0].fd:8.2f}   (best of {len(rows)} handcrafted solvers" in text
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size[0] == 150 + 8 * 48 and im.size[1] > 2 * (48 + 8)  # two labelled rows of 8, captioned
+    digits.write_handcrafted(tmp_path / "h6.npz", "toy:unet-digits", 2, 8, 6)  # other seeds
+    with pytest.raises(BadInput, match="made for another model, NFE, reference or seeds"):
+        digits.against_handcrafted(samples, tmp_path / "h6.npz")
