@@ -350,12 +350,15 @@ def against_handcrafted(
 
 
 def demo_picture(mine: np.ndarray, best: np.ndarray, labels: list[str], title: str, path: Path) -> None:
-    """The same seeds by two solvers, 8 to a row and 3x enlarged, each block labelled, a caption above."""
+    """The same seeds by two solvers, 8 to a row, 3x enlarged with a black margin, each block labelled, a caption
+    above."""
     from .images import caption, image_grid, label_rows, save_png
 
     blocks = []
     for x in (mine, best):
-        g = image_grid(np.kron(np.asarray(x, dtype=np.float32), np.ones((1, 1, 3, 3), dtype=np.float32)), cols=8)
+        big = np.kron(np.asarray(x, dtype=np.float32), np.ones((1, 1, 3, 3), dtype=np.float32))
+        big = np.pad(big, ((0, 0), (0, 0), (3, 3), (3, 3)), constant_values=-1.0)  # black between digits
+        g = image_grid(big, cols=8)
         blocks += [g, np.full((8, g.shape[1]), 96, dtype=np.uint8)]  # a grey line under each block
     save_png(caption(label_rows(np.concatenate(blocks), labels), title), path)
 

@@ -289,7 +289,7 @@ def test_demo_reads_the_handcrafted_fds_it_would_measure(tmp_path, cli):
     text = digits.demo_summary(samples, tmp_path / "h.npz", tmp_path / "grid.png")
     assert f"  {rows[0].solver:>12}: {rows[0].fd:8.2f}   (best of {len(rows)} handcrafted solvers" in text
     with Image.open(tmp_path / "grid.png") as im:
-        assert im.size[0] == 150 + 8 * 48 and im.size[1] > 2 * (48 + 8)  # two labelled rows of 8, captioned
+        assert im.size[0] == 150 + 8 * 54 and im.size[1] > 2 * (54 + 8)  # two labelled rows of 8, captioned
     digits.write_handcrafted(tmp_path / "h6.npz", "toy:unet-digits", 2, 8, 6)  # other seeds
     with pytest.raises(BadInput, match="made for another model, NFE, reference or seeds"):
         digits.against_handcrafted(samples, tmp_path / "h6.npz")
