@@ -122,8 +122,10 @@ def test_compare_digits_metric_is_fd_in_digit_features_with_the_class_report(tmp
 
     spec = "gmm:shape=1x16x16,components=3,rank=4,seed=3"
     r = cli("compare", "--model", spec, "--solvers", "euler", "--nfe", "3", "--num", 8, "--metric", "digits",
-            "--json", tmp_path / "c.json", "--csv", tmp_path / "c.csv")  # fmt: skip
+            "--json", tmp_path / "c.json", "--csv", tmp_path / "c.csv", "--grid", tmp_path / "g.png")  # fmt: skip
     assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "g.png") as im:  # one row (no reference here), 16x16 enlarged 2x beside its label
+        assert im.size == (150 + 8 * 32, 32)
     doc = json.loads((tmp_path / "c.json").read_text())
     m = resolve(spec)
     want = digits_fd(generate(m, plan("euler", 3, m), list(range(1000000, 1000008))).x.float()).distance

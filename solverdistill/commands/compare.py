@@ -201,6 +201,8 @@ def write_outputs(comp, json_path=None, csv_path=None, plot_path=None, grid_path
             written.append(Path(plot_path))
         if grid_path and comp.grid_images:
             rows = [as_images(v) for v in comp.grid_images.values()]
+            k = -(-32 // rows[0].shape[2])  # small images (16x16 digits) enlarged: each row's label needs 32 pixels
+            rows = [np.kron(r, np.ones((1, 1, k, k), dtype=r.dtype)) for r in rows] if k > 1 else rows
             grid = image_grid(np.concatenate(rows), cols=rows[0].shape[0])
             save_png(label_rows(grid, list(comp.grid_images)), Path(grid_path))
             written.append(Path(grid_path))
