@@ -4,6 +4,7 @@ handcrafted solver at the same NFE on the same seeds (every one, with and withou
 
     OMP_NUM_THREADS=1 python benchmarks/digits_demo_settings.py [--recipe recipes/digits_demo.yaml]
         [--seeds 1000000,2000000,3000000] [--num 512] [VARIANT ...]
+    python benchmarks/digits_demo_settings.py --throughput    # network calls per second at 1 and 2 torch threads
 
 A variant is `key=value,key=value` over recipe keys (`train.iterations=100,teacher.steps=16,teacher.cache=...`);
 `recipe` (the default) is the recipe as it is. Prints one markdown row per variant: fit CPU seconds, FD per seed
@@ -12,6 +13,7 @@ set, and how far below the best handcrafted solver's FD it is (positive: DLMS is
 import argparse
 import time
 
+import torch
 import yaml
 
 from solverdistill import digits
@@ -28,13 +30,34 @@ def overrides(variant: str) -> dict:
     return {k: yaml.safe_load(v) for k, v in pairs}
 
 
+def throughput(seconds: float = 3.0) -> None:
+    """toy:unet-digits samples per second through the network at batch 64 and 256, with 1 and then 2 threads."""
+    from solverdistill.models import resolve
+
+    m = resolve("toy:unet-digits")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for b in (64, 256):
+            x, sigma = torch.randn(b, 1, 16, 16), torch.ones(b)
+            with torch.no_grad():
+                m(x, sigma)
+                began, n = time.time(), 0
+                while time.time() - began < seconds:
+                    m(x, sigma)
+                    n += b
+            print(f"{threads} thread(s), batch {b}: {n / (time.time() - began):.0f} samples/s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", default="recipes/digits_demo.yaml")
     ap.add_argument("--seeds", default="1000000,2000000,3000000", help="first seed of each set")
     ap.add_argument("--num", type=int, default=512)
+    ap.add_argument("--throughput", action="store_true", help="time the network at 1 and 2 threads, then stop")
     ap.add_argument("variants", nargs="*", default=["recipe"])
     args = ap.parse_args()
+    if args.throughput:
+        return throughput()
     firsts = [int(s) for s in args.seeds.split(",")]
     base = load_recipe(args.recipe)
     nfe = int(base.student.get("nfe", 5))
