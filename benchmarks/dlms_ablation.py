@@ -53,6 +53,9 @@ ap.add_argument("--curve", help="JSON file with the handcrafted curve: read when
 ap.add_argument("--out", help="append the table to this markdown file")
 ap.add_argument("--fd", type=int, default=0, help="toy:unet-digits: also FD (digit features) of N samples")
 ap.add_argument("--max-nfe", type=int, default=20, help="the handcrafted curve's largest NFE (FD: at most 12)")
+ap.add_argument("--curve-nfes", help="the NFEs of the curve (default 2..--max-nfe); empty: no curve, no ratios")
+ap.add_argument("--every-grid", action="store_true", help="the curve's best over every schedule, not the defaults")
+ap.add_argument("--curve-only", action="store_true", help="measure (or read) the curve, fit nothing")
 ap.add_argument("--fd-seed", type=int, default=1_000_000, help="first seed of the FD samples (none is in the cache)")
 args = ap.parse_intermixed_args()
 
@@ -78,8 +81,17 @@ if saved and (not args.fd or saved.get("fd_samples") == args.fd):
     fd_name = {int(k): v for k, v in saved.get("fd_best", {}).items()}
 else:
     curve, best_name, fd_curve, fd_name = {}, {}, {}, {}
-    for m in range(2, args.max_nfe + 1):
+    wanted = (
+        range(2, args.max_nfe + 1) if args.curve_nfes is None else [int(v) for v in args.curve_nfes.split(",") if v]
+    )
+    for m in wanted:
         plans = solvers.sweep(m, model)
+        if args.every_grid:  # every solver with and without AFS on every schedule family
+            plans = {
+                f"{name}@{sched}": solvers.plan(name.removesuffix("+afs"), m, model, sched, afs=name.endswith("+afs"))
+                for name in plans
+                for sched in ("polynomial:7", "logsnr", "time_uniform")
+            }
         base = {name: heldout_rmse(p, model, cache, held) for name, p in plans.items()}
         best_name[m] = min(base, key=base.get)
         curve[m] = base[best_name[m]]
@@ -94,18 +106,21 @@ else:
         Path(args.curve).write_text(json.dumps(saved | {"fd_samples": args.fd}))
 
 seeds = [int(v) for v in args.seeds.split(",")]
+if args.curve_only:
+    raise SystemExit(0)
 
 
 def shown(ratio, curve, nfe):
     """A ratio, or '>R' when no NFE on the curve reaches the student (R: the curve's largest NFE over nfe)."""
+    if not curve:
+        return "-"
     return f">{max(curve) / nfe:.1f}x" if math.isinf(ratio) else f"{ratio:.2f}x"
 
 
-head = (
-    f"{recipe.model.spec}, NFE {args.nfe}, {len(held)} held-out seeds; best handcrafted at NFE {args.nfe}: "
-    f"{curve[args.nfe]:.4f} ({best_name[args.nfe]}); train seeds {seeds}"
-)
-if args.fd:
+head = f"{recipe.model.spec}, NFE {args.nfe}, {len(held)} held-out seeds; train seeds {seeds}"
+if args.nfe in curve:
+    head += f"; best handcrafted at NFE {args.nfe}: {curve[args.nfe]:.4f} ({best_name[args.nfe]})"
+if args.fd and args.nfe in fd_curve:
     head += f"; FD: {args.fd} samples from seed {args.fd_seed}, best handcrafted FD at NFE {args.nfe}: "
     head += f"{fd_curve[args.nfe]:.1f} ({fd_name[args.nfe]})"
 cols = "| variant | held-out RMSE per train seed | mean | ratio (mean) | initial RMSE | s per fit |"
@@ -131,11 +146,11 @@ for name in args.variants or list(VARIANTS):
     mean = statistics.fmean(errs)
     row = (
         f"| {name} | {' / '.join(f'{e:.4f}' for e in errs)} | {mean:.4f} | "
-        f"{shown(acceleration_ratio(mean, s.nfe, curve), curve, s.nfe)} | {init:.4f} | {fit_s / len(seeds):.0f} |"
+        f"{shown(acceleration_ratio(mean, s.nfe, curve) if curve else 0, curve, s.nfe)} | {init:.4f} | {fit_s / len(seeds):.0f} |"
     )
     if args.fd:
         mean_fd = statistics.fmean(fds)
-        row += f" {' / '.join(f'{e:.1f}' for e in fds)} | {shown(acceleration_ratio(mean_fd, s.nfe, fd_curve), fd_curve, s.nfe)} ({mean_fd:.1f}) |"
+        row += f" {' / '.join(f'{e:.1f}' for e in fds)} | {shown(acceleration_ratio(mean_fd, s.nfe, fd_curve) if fd_curve else 0, fd_curve, s.nfe)} ({mean_fd:.1f}) |"
     lines.append(row)
     print(row, flush=True)
 if args.out:
