@@ -1,6 +1,7 @@
 """Handwritten digits, our real-image testbed (docs/digits.md): scikit-learn's bundled 8x8 digits upsampled to
 1x16x16 in [-1, 1] with a fixed split, the digit classifier whose penultimate layer is the `digits` feature space
-of the Frechet distance, and its shipped reference statistics (`digits:train`, `digits:heldout`).
+of the Frechet distance, its shipped reference statistics (`digits:train`, `digits:heldout`), and the comparison
+`make demo` prints (`python -m solverdistill.digits handcrafted`, then `demo`).
 
 scikit-learn (the `[digits]` extra) is needed only to read the raw images: to retrain the networks or rebuild the
 statistics (`python -m solverdistill.digits build`). The shipped classifier and statistics are data files.
