@@ -19,7 +19,8 @@ class Denoiser:
     `sigma` is always a tensor of shape [B]. Attributes: `sigma_min`, `sigma_max`, `shape` (per sample),
     `fingerprint` (identity of weights and config, stored in caches and artifacts), `spec` (how it was named),
     `passes_per_call` (network passes per denoiser call, 2 with classifier-free guidance).
-    Optional: `features(x, sigma, cond)` (designer inputs), `decode(x)` (latents to images), `net` (the module).
+    Optional: `features(x, sigma, cond)` (designer inputs), `decode(x)` (latents to images), `net` (the module),
+    `default_recipe` (the recipe `compare --model` distills missing students with; docs/extending.md).
     """
 
     spec: str = ""
