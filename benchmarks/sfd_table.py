@@ -105,11 +105,11 @@ if digits:
     say(f"Teacher FD on these seeds: {teacher_fd:.1f}.")
 say("")
 curve = {}
-if args.handcrafted_from:
+if args.handcrafted_from:  # an earlier run's curve on the same seeds; NFEs it lacks are measured below
     earlier = json.loads(Path(args.handcrafted_from).read_text())
     curve = {int(k): v for k, v in earlier["handcrafted"].items()}
-else:
-    for nfe in map(int, args.curve.split(",")):
+for nfe in map(int, args.curve.split(",")):
+    if nfe not in curve:
         plans = solvers.sweep(nfe, model, recipe.protocol)
         keep = set(filter(None, args.solvers.split(",")))
         rows = {name: measure(p) for name, p in plans.items() if not keep or name.removesuffix("+afs") in keep}
