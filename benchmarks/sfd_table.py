@@ -141,30 +141,32 @@ if "sfd" not in skip:
         if nfe == 1 and two is not None:
             s["init"] = str(two)
         s_cfg, t_cfg = method.configs(s, vars(t0))
-        began = time.time()
+        began, cpu = time.time(), time.process_time()
         art = method.fit(cache, model, s_cfg, t_cfg)
-        seconds = time.time() - began
+        seconds, cpu = time.time() - began, time.process_time() - cpu
         path = artifacts.save(art, (save or Path("/tmp")) / f"sfd_{Path(args.recipe).stem}_nfe{nfe}.npz")
         if nfe == 2:
             two = path
         m = measure(method.load(art, model))
-        results["SFD"][nfe] = {**m, "seconds": seconds, "stages": art.meta["training"]["stages"]}
-        say(f"SFD NFE {nfe}: {cell(m)} ({seconds:.0f}s{' after the NFE-2 stage' if nfe == 1 and two else ''})")
+        results["SFD"][nfe] = {**m, "seconds": seconds, "cpu_seconds": cpu, "stages": art.meta["training"]["stages"]}
+        say(
+            f"SFD NFE {nfe}: {cell(m)} ({seconds:.0f}s wall, {cpu:.0f}s CPU{' after the NFE-2 stage' if nfe == 1 and two else ''})"
+        )
 if "sfdv" not in skip:
     v_nfes = [int(v) for v in args.variable_nfes.split(",")]
     s_cfg, t_cfg = method.configs(
         vars(s0) | {"nfe": min(v_nfes), "variable": True, "nfe_set": ",".join(map(str, v_nfes))},
         vars(t0) | {"iterations": args.variable_iterations or 2 * t0.iterations},
     )
-    began = time.time()
+    began, cpu = time.time(), time.process_time()
     art = method.fit(cache, model, s_cfg, t_cfg)
-    seconds = time.time() - began
+    seconds, cpu = time.time() - began, time.process_time() - cpu
     if save:
         artifacts.save(art, save / f"sfdv_{Path(args.recipe).stem}.npz")
     solver = method.load(art, model)
     for nfe in v_nfes:
-        results["SFD-v"][nfe] = {**measure(solver.at_nfe(nfe)), "seconds": seconds}
-    say(f"SFD-v NFEs {v_nfes}: {seconds:.0f}s")
+        results["SFD-v"][nfe] = {**measure(solver.at_nfe(nfe)), "seconds": seconds, "cpu_seconds": cpu}
+    say(f"SFD-v NFEs {v_nfes}: {seconds:.0f}s wall, {cpu:.0f}s CPU")
 say("")
 best = {n: c["rmse"] for n, c in curve.items()}
 header = "| NFE | best handcrafted RMSE | SFD RMSE | SFD-v RMSE |"
