@@ -4,11 +4,13 @@ Held-out endpoint RMSE against the recipe's cached teacher (its last `train.held
 never draws: it trains on seeds >= 2^52) for every handcrafted solver (with and without AFS, the best per NFE),
 SFD fitted per NFE, SFD at NFE 1 (the second stage, from the NFE-2 student) and SFD-v (one network); on
 toy:unet-digits also the FD in digit features against the held-out digits on the same seeds. Fine-tuning wall
-times (one thread). Rows go to OUT.md / OUT.json as they are measured.
+and CPU times (one thread); `--cpu-per-iteration N` only times N iterations per NFE. Rows go to OUT.md / OUT.json
+as they are measured.
 
 Usage: python benchmarks/sfd_table.py RECIPE [OUT.md] [--nfes 1,2,3,4,5] [--curve 1,2,3,4,5,6,8]
     [--iterations N] [--batch B] [--lr LR] [--lr-schedule step|cosine] [--refine M] [--teacher online|cache]
-    [--variable-iterations N] [--skip sfd,sfdv] [--handcrafted-from EARLIER.json] [--save DIR]
+    [--variable-iterations N] [--variable-nfes 2,3,4,5] [--skip sfd,sfdv] [--solvers euler,ipndm,...]
+    [--handcrafted-from EARLIER.json] [--save DIR] [--cpu-per-iteration N]
 """
 
 import argparse
@@ -42,6 +44,7 @@ ap.add_argument("--variable-nfes", default="2,3,4,5", help="the NFEs SFD-v train
 ap.add_argument("--solvers", default="", help="handcrafted names the curve takes (with +afs variants); all if empty")
 ap.add_argument("--handcrafted-from", default="", help="an earlier OUT.json of the same recipe: reuse its curve")
 ap.add_argument("--save", default="", help="a folder for the fitted artifacts")
+ap.add_argument("--cpu-per-iteration", type=int, default=0, help="only time N iterations per NFE (CPU s each)")
 args = ap.parse_args()
 skip = set(filter(None, args.skip.split(",")))
 out_path = Path(args.out)
@@ -92,6 +95,17 @@ def cell(m):
     return f"{m['rmse']:.4f}" + (f" / {m['fd']:.1f}" if "fd" in m else "")
 
 
+if args.cpu_per_iteration:  # fine-tuning cost per iteration by NFE on this thread: one stage each (NFE 1's own)
+    from solverdistill.students.sfd import tune
+
+    for nfe in [int(v) for v in args.nfes.split(",")]:
+        s_cfg, t_cfg = method.configs(vars(s0) | {"nfe": nfe}, vars(t0) | {"iterations": 1})
+        tune(cache, model, s_cfg, t_cfg, None, None)  # warm-up
+        t_cfg.iterations = args.cpu_per_iteration
+        cpu = time.process_time()
+        tune(cache, model, s_cfg, t_cfg, None, None)
+        print(f"NFE {nfe}: {(time.process_time() - cpu) / args.cpu_per_iteration:.2f} CPU s per iteration", flush=True)
+    raise SystemExit(0)
 raw["settings"] = {"student": vars(s0), "train": vars(t0)}
 say(f"# SFD on {model.spec}: held-out RMSE{' / FD (digit features)' if digits else ''}")
 say("")
