@@ -214,7 +214,15 @@ def distill(
         say(note)
     if workspace is None:
         check_split(recipe, t_cfg)
-    ws = workspace or open_workspace(recipe, t_cfg.device, say, progress_factory)
+        for line in path_notes(recipe):
+            say(line)
+        model = recipe_model(recipe, t_cfg.device)
+        method.check(model, s_cfg, t_cfg)  # e.g. a feature loss the model has no network for: before the teacher
+        cache, built = teacher_cache(recipe, model, say, progress_factory)
+        ws = Workspace(recipe, model, cache, built)
+    else:
+        method.check(workspace.model, s_cfg, t_cfg)
+        ws = workspace
     model, cache = ws.model, ws.cache
     _, held = cache.split(t_cfg.samples, t_cfg.heldout)
     with progress_factory(method.work(s_cfg, t_cfg), f"distill {method.name}") as bar:

@@ -174,3 +174,21 @@ def test_free_query_times_are_any_positive_factor_and_start_at_the_paper_rule(ti
     x0 = noise(tiny64, 3)
     with torch.no_grad():
         assert torch.equal(made["free"].solve(tiny64, x0), made["scaled"].solve(tiny64, x0))
+
+
+def test_distill_refuses_a_feature_loss_before_the_teacher_runs(tmp_path, recipe_file):
+    """A model without a feature network is refused up front: no teacher cache is built for a run that cannot fit."""
+    from typer.testing import CliRunner
+
+    from solverdistill.cli import app
+
+    path = recipe_file(
+        tmp_path / "r.yaml",
+        name="tiny",
+        teacher={"steps": 8, "num_samples": 40, "batch": 40, "cache": str(tmp_path / "cache")},
+        train={"final_loss": "features", "heldout": 8, "validation": 8, "batch": 8, "iterations": 1},
+    )
+    res = CliRunner().invoke(app, ["distill", str(path)])
+    assert res.exit_code == 2, res.output
+    assert "train.final_loss: features" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "cache").exists()

@@ -59,6 +59,8 @@ class Method:
     summary: str = ""
     work: Callable[[Any, Any], int] = lambda student, train: 1
     arrays: tuple[str, ...] = ()  # the artifact arrays `load` reads (`name.*` is a prefix); others are refused
+    # `check(model, student, train)`: settings that depend on the model, refused (BadInput) before the teacher runs
+    check: Callable[[Any, Any, Any], None] = lambda model, student, train: None
 
     def configs(self, student: dict, train: dict) -> tuple[Any, Any]:
         """Validate a recipe's `student` and `train` sections against this method's keys."""

@@ -341,6 +341,12 @@ def feature_term(t: DLMSTrain, model: Any, cache: TeacherCache, val_idx: np.ndar
     return FeatureTerm(net, max(float(f.double().var(0).mean()), 1e-12), t.feature_weight)
 
 
+def check(model: Any, s: DLMSStudent, t: DLMSTrain) -> None:
+    """Before the teacher runs: a feature loss needs a feature network for this model (BadInput otherwise)."""
+    if t.final_loss == "features":
+        feature_network(model)
+
+
 def _loss_fn(
     cache: TeacherCache, idx: np.ndarray, s: DLMSStudent, t: DLMSTrain, steps: int, feats: FeatureTerm | None = None
 ) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None]:
@@ -544,5 +550,6 @@ register(
         "learned multistep coefficients, grid and time scaling",
         work=lambda s, t: t.iterations * t.restarts,
         arrays=("designer.*", "init_grid"),
+        check=check,
     )
 )
