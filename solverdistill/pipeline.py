@@ -130,6 +130,17 @@ def _method_configs(
         )
     if nfe is not None:
         student["nfe"] = nfe
+    if recipe.teacher.mode == "online":
+        # The method computes its targets while training: it says how through its own `train.teacher` key.
+        if "teacher" not in method.keys()[1]:
+            raise BadInput(
+                f"teacher.mode: online: {method.name} fits from cached trajectories; only methods with a "
+                f"train.teacher key ({', '.join(n for n in students.names() if 'teacher' in students.get(n).keys()[1])}) "
+                "compute them while training"
+            )
+        if train.get("teacher", "online") != "online":
+            raise BadInput(f"train.teacher: {train['teacher']!r} contradicts teacher.mode: online")
+        train = {"teacher": "online", "teacher_solver": recipe.teacher.solver} | train
     s_cfg, t_cfg = method.configs(student, train)
     return method, s_cfg, t_cfg
 

@@ -74,6 +74,9 @@ class TeacherSection:
     precision: str = field(default="fp32", metadata=_check(choices=("fp32", "fp16", "bf16")))
     # Keep every K-th grid point (and the last) in the cache; states_at interpolates across the gaps.
     store_every: int = field(default=1, metadata=_check(min=1, max=CEILINGS["steps"]))
+    # cache: students fit from the cached trajectories; online: the method solves the teacher while it trains
+    # (SFD as its paper trains it, docs/students.md "SFD"); the cache then only serves the held-out evaluation.
+    mode: str = field(default="cache", metadata=_check(choices=("cache", "online")))
 
 
 @dataclass

@@ -343,3 +343,23 @@ def test_one_step_is_a_second_stage_after_nfe_2_and_loads(toy, fitted, tmp_path,
     s_bad, _ = method.configs({**rec.student, "nfe": 1, "init": str(tmp_path / "none.npz")}, {})
     with pytest.raises(BadInput, match="student.init"):
         method.fit(cache, model, s_bad, t)
+
+
+def test_teacher_mode_online_in_the_recipe(tmp_path, recipe_file):
+    """`teacher.mode: online` (the recipe's switch) sets SFD's train.teacher and its solver; methods that fit from
+    the cache refuse it, and a contradicting train.teacher is refused, naming the keys."""
+    from solverdistill.pipeline import method_configs
+
+    teacher = {"mode": "online", "solver": "dpm++2m", "steps": 8, "num_samples": 40, "cache": str(tmp_path / "c")}
+    rec = load_recipe(recipe_file(tmp_path / "a.yaml", teacher=teacher, student={"method": "sfd", "nfe": 2}))
+    _, _, t = method_configs(rec)
+    assert (t.teacher, t.teacher_solver) == ("online", "dpm++2m")
+    with pytest.raises(BadInput, match="teacher.mode: online: dlms fits from cached trajectories"):
+        method_configs(rec, "dlms")
+    bad = recipe_file(
+        tmp_path / "b.yaml", teacher=teacher, student={"method": "sfd", "nfe": 2}, train={"teacher": "cache"}
+    )
+    with pytest.raises(BadInput, match="train.teacher: 'cache' contradicts teacher.mode: online"):
+        method_configs(load_recipe(bad))
+    with pytest.raises(BadInput, match="teacher.mode"):
+        load_recipe(recipe_file(tmp_path / "c.yaml", teacher={**teacher, "mode": "live"}))
