@@ -14,20 +14,19 @@ import argparse
 import time
 
 import torch
-import yaml
 
 from solverdistill import digits
 from solverdistill.fid import digits_fd
 from solverdistill.generate import generate
 from solverdistill.pipeline import method_configs, open_workspace
-from solverdistill.recipes import load_recipe
+from solverdistill.recipes import load_recipe, read_value
 
 
 def overrides(variant: str) -> dict:
     if variant == "recipe":
         return {}
     pairs = (kv.split("=", 1) for kv in variant.split(",") if kv)
-    return {k: yaml.safe_load(v) for k, v in pairs}
+    return {k: read_value(v) for k, v in pairs}
 
 
 def throughput(seconds: float = 3.0) -> None:

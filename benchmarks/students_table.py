@@ -11,12 +11,10 @@ import math
 import time
 from pathlib import Path
 
-import yaml
-
 from solverdistill import solvers, students
 from solverdistill.evaluation import acceleration_ratio, heldout_rmse
 from solverdistill.pipeline import method_configs, open_workspace
-from solverdistill.recipes import load_recipe
+from solverdistill.recipes import load_recipe, read_value
 
 ap = argparse.ArgumentParser()
 ap.add_argument("recipe")
@@ -25,7 +23,7 @@ ap.add_argument("--nfe", default="3,4,5,6,8")
 ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
 ap.add_argument("--curve", help="JSON file with the handcrafted curve: read when present, written otherwise")
 args = ap.parse_args()
-recipe = load_recipe(args.recipe, {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+recipe = load_recipe(args.recipe, {k: read_value(v) for k, v in (kv.split("=", 1) for kv in args.set)})
 ws = open_workspace(recipe)
 model, cache = ws.model, ws.cache
 dlms, dode = students.get("dlms"), students.get("dode")

@@ -250,6 +250,11 @@ BoundedLoader.add_implicit_resolver(
 )
 
 
+def read_value(text: str) -> Any:
+    """One `key=value` override's value as a recipe file would read it (benchmarks' --set: `2e-3` is a float)."""
+    return yaml.load(text, Loader=BoundedLoader)
+
+
 def _parse_yaml(raw: bytes, p: Path) -> Any:
     """A recipe file's bytes -> plain data through BoundedLoader; anything malformed is one line of bad input."""
     try:

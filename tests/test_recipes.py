@@ -8,7 +8,7 @@ import pytest
 from solverdistill import students
 from solverdistill.errors import BadInput
 from solverdistill.pipeline import method_configs
-from solverdistill.recipes import Recipe, TeacherSection, load_recipe, outside_note, path_notes
+from solverdistill.recipes import Recipe, TeacherSection, load_recipe, outside_note, path_notes, read_value
 from solverdistill.teacher import TeacherCache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -279,6 +279,8 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     path = write(tmp_path, "model: {spec: gmm:tiny}\nstudent: {method: dlms}\ntrain: {lr: 1e999}\n")
     with pytest.raises(BadInput, match="train.lr: must be a finite number"):
         method_configs(load_recipe(path), say=lambda m: None)
+    # Benchmarks' `--set key=value` read their values the same way.
+    assert [read_value(v) for v in ("2e-3", "5", "dpm++", "true")] == [2e-3, 5, "dpm++", True]
 
 
 def test_student_and_train_errors_name_the_recipe_file(tmp_path, cli):

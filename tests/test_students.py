@@ -431,6 +431,51 @@ def test_global_dlms_yaml_round_trip(cache, tiny64, noise, tmp_path):
             assert torch.allclose(method.load(back, tiny64).solve(tiny64, x0), want, atol=1e-12, rtol=0)
 
 
+def test_hybrid_designer_starts_at_the_rule_and_trains_both_parts(cache, tiny64, noise, tmp_path):
+    """`designer: hybrid` is the network designer plus a per-step table: untrained it is the initial rule exactly
+    (like the other designers), training moves the table and the network's head, and the artifact round-trips."""
+    x0 = noise(tiny64, 3)
+    with torch.no_grad():
+        rule = untrained_dlms(nfe=3, designer="global").solve(tiny64, x0)
+        hybrid = untrained_dlms(nfe=3, designer="hybrid")
+        assert torch.equal(hybrid.solve(tiny64, x0), rule)
+    net = untrained_dlms(nfe=3, designer="network")
+    extra = sum(p.numel() for p in hybrid.designer.parameters()) - sum(p.numel() for p in net.designer.parameters())
+    assert extra == hybrid.steps * (hybrid.order + 1)  # the table: one row of outputs per step
+    method = students.get("dlms")
+    s, t = method.configs({"method": "dlms", "nfe": 3, "designer": "hybrid"}, {"iterations": 5, "heldout": 32})
+    art = method.fit(cache, tiny64, s, t)
+    assert np.any(art.arrays["designer.table"] != 0) and np.any(art.arrays["designer.head.weight"] != 0)
+    with torch.no_grad():
+        want = method.load(art, tiny64).solve(tiny64, x0)
+        back = artifacts.load(artifacts.save(art, tmp_path / "h.npz"), fingerprint=tiny64.fingerprint)
+        assert torch.equal(method.load(back, tiny64).solve(tiny64, x0), want)
+        assert torch.equal(method.load(method.untrained(back), tiny64).solve(tiny64, x0), rule)
+
+
+def test_auto_schedule_starts_from_the_best_initial_grid(cache, tiny64):
+    """`schedule: auto` scores every candidate grid's untrained rule on the validation trajectories and starts from
+    the lowest; the artifact names the grid it chose, so it loads without knowing about `auto`."""
+    from solverdistill.evaluation import cache_endpoints, rmse
+    from solverdistill.students.dlms import AUTO_SCHEDULES
+
+    method = students.get("dlms")
+    s, t = method.configs(
+        {"method": "dlms", "nfe": 3, "schedule": "auto"}, {"iterations": 0, "heldout": 32, "validation": 16}
+    )
+    art = method.fit(cache, tiny64, s, t)
+    scores = art.meta["training"]["initial_rmse_by_schedule"]
+    assert set(scores) == set(AUTO_SCHEDULES) and len(set(scores.values())) > 1  # the grids do differ here
+    chosen = art.meta["student"]["schedule"]
+    assert scores[chosen] == min(scores.values())
+    train_idx, _ = cache.split(0, 32)
+    val = train_idx[-16:]
+    got = rmse(cache_endpoints(method.load(art, tiny64), tiny64, cache, val), cache.endpoints(val))
+    assert got == pytest.approx(scores[chosen], rel=1e-9)  # 0 iterations: the chosen grid's untrained rule
+    with pytest.raises(BadInput, match="student.schedule: auto"):
+        initial_grid(DLMSStudent(schedule="auto"), 0.002, 80.0)
+
+
 def test_endpoint_loss_needs_a_final_weight(cache, tiny64):
     method = students.get("dlms")
     s, t = method.configs(

@@ -21,7 +21,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,8 +53,9 @@ class DLMSStudent:
     order: int = field(default=4, metadata={"min": 1})
     afs: bool = True
     init: str = field(default="dpm++", metadata={"choices": ("plms", "dpm++")})
-    designer: str = field(default="network", metadata={"choices": ("network", "global")})
-    schedule: str = "polynomial:7"  # the initial grid
+    designer: str = field(default="network", metadata={"choices": ("network", "global", "hybrid")})
+    # The initial grid; `auto`: the one of AUTO_SCHEDULES whose initial rule has the lowest validation RMSE.
+    schedule: str = "polynomial:7"
     learn_grid: bool = True
     time_scaling: bool = True
     scale_range: float = field(default=0.2, metadata={"min": 0.0, "max": 0.9})  # k = 1 +- r stays > 0
@@ -169,7 +170,31 @@ class GlobalDesigner(nn.Module):
         return self.table[step].expand(t.shape[0], -1)
 
 
+class HybridDesigner(NetworkDesigner):
+    """The network designer plus a per-step table (as `global`): the table carries what every sample shares, so the
+    network only learns each sample's departure from it."""
+
+    def __init__(self, order: int, steps: int) -> None:
+        super().__init__(order)
+        self.table = nn.Parameter(torch.zeros(steps, order + 1))
+
+    def forward(self, feats: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        return super().forward(feats, t, step) + self.table[step]
+
+
+DESIGNERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "network": lambda order, steps: NetworkDesigner(order),
+    "global": GlobalDesigner,
+    "hybrid": HybridDesigner,
+}
+
+# `schedule: auto` tries these initial grids (what the handcrafted solvers use by default, README "Solvers").
+AUTO_SCHEDULES = ("polynomial:7", "logsnr", "time_uniform:2", "time_uniform")
+
+
 def initial_grid(cfg: DLMSStudent, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    if cfg.schedule == "auto":
+        raise BadInput("student.schedule: auto is resolved when fitting; a stored student names its grid")
     return grids.make_grid(cfg.schedule, cfg.nfe + (1 if cfg.afs else 0), sigma_min, sigma_max)
 
 
@@ -190,7 +215,7 @@ class DLMS(nn.Module):
         for i in range(steps):
             mask[i, : min(i + 1, cfg.order)] = 1
         self.register_buffer("mask", mask)
-        self.designer = NetworkDesigner(cfg.order) if cfg.designer == "network" else GlobalDesigner(cfg.order, steps)
+        self.designer = DESIGNERS[cfg.designer](cfg.order, steps)
 
     per_sample_grid = True  # the callback's sigmas differ per sample: `sample` stores them
     passes_per_call = 1  # set by `load` from the model
@@ -443,18 +468,37 @@ def train_once(
     return Run(best, best_state, history, skipped, it)
 
 
+def choose_schedule(
+    s: DLMSStudent, model: Denoiser, cache: TeacherCache, val_idx: np.ndarray
+) -> tuple[DLMSStudent, dict[str, float]]:
+    """`schedule: auto`: the settings with the initial grid (of AUTO_SCHEDULES) whose untrained rule has the lowest
+    validation RMSE, and every candidate's RMSE. Training only moves the rule from there, so the start matters:
+    on our models the best handcrafted grid differs between models and NFEs (README "Results")."""
+    if s.schedule != "auto":
+        return s, {}
+    target, scores = cache.endpoints(val_idx), {}
+    for name in AUTO_SCHEDULES:
+        cand = replace(s, schedule=name)
+        with torch.random.fork_rng(devices=[]):  # the designer's (unused) initial weights draw from the global RNG
+            student = DLMS(cand, initial_grid(cand, model.sigma_min, model.sigma_max))
+        student = student.to(device=model.device, dtype=model.dtype)
+        scores[name] = rmse(cache_endpoints(student, model, cache, val_idx), target)
+    return replace(s, schedule=min(scores, key=scores.__getitem__)), scores
+
+
 def fit(
     cache: TeacherCache, model: Denoiser, s: DLMSStudent, t: DLMSTrain, progress: Callable[..., Any] | None = None
 ) -> Artifact:
     began = time.time()
     if s.order > 4 and s.init == "plms":
         raise BadInput(f"student.order: plms init has coefficients up to order 4, got {s.order}")
-    grid = initial_grid(s, model.sigma_min, model.sigma_max)
     train_idx, _ = cache.split(t.samples, t.heldout)
     if t.validation >= len(train_idx):
         raise BadInput(f"train.validation: {t.validation} leaves no training trajectories out of {len(train_idx)}")
     # Model selection uses its own validation trajectories, never the held-out ones the metrics report.
     train_idx, val_idx = train_idx[: -t.validation], train_idx[-t.validation :]
+    s, schedule_scores = choose_schedule(s, model, cache, val_idx)
+    grid = initial_grid(s, model.sigma_min, model.sigma_max)
     ranks = distributed.rank_size()[1]
     if min(t.batch, len(train_idx)) < ranks:
         raise BadInput(f"train.batch: {min(t.batch, len(train_idx))} rows cannot be split over {ranks} processes")
@@ -491,6 +535,7 @@ def fit(
             "skipped_steps": sum(r.skipped for r in runs),
             "validation": len(val_idx),
             "validation_rmse_history": best.history,
+            "initial_rmse_by_schedule": schedule_scores,  # `schedule: auto` only
             "train": asdict(t),
         },
     )
@@ -533,7 +578,7 @@ def load(artifact: Artifact, model: Denoiser) -> DLMS:
 def untrained(artifact: Artifact) -> Artifact:
     """Zero heads (or the global table): the initial rule on the initial grid."""
     arrays = {
-        k: (np.zeros_like(v) if k.startswith(("designer.head.", "designer.table")) else v)
+        k: (np.zeros_like(v) if k.startswith(("designer.head.", "designer.table")) else v)  # hybrid: both
         for k, v in artifact.arrays.items()
     }
     return Artifact(artifact.meta, arrays, artifact.path)
