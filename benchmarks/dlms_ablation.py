@@ -143,7 +143,8 @@ if args.nfe in curve:
 if args.fd and args.nfe in fd_curve:
     head += f"; FD: {args.fd} samples from seed {args.fd_seed}, best handcrafted FD at NFE {args.nfe}: "
     head += f"{fd_curve[args.nfe]:.1f} ({fd_name[args.nfe]})"
-cols = "| variant | held-out RMSE per train seed | mean | ratio (mean) | initial RMSE | s per fit | validation RMSE |"
+scored = "test" if args.test_set else "held-out"
+cols = f"| variant | {scored} RMSE per train seed | mean | ratio (mean) | initial RMSE | s per fit | validation RMSE |"
 lines = [head, "", cols + (" FD per train seed | FD ratio (mean FD) |" if args.fd else "")]
 lines.append("|---|---|---|---|---|---|---|" + ("---|---|" if args.fd else ""))
 print("\n".join(lines), flush=True)
