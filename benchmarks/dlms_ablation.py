@@ -10,7 +10,9 @@ A variant is a name below or `key=value,key=value` over the student/train keys, 
 handcrafted curve, so several runs on one cache measure it once. `--test-set teacher.seed=S --test-set
 teacher.cache=DIR` measures the curve and every score on a second cache of fresh seeds instead: choosing a variant by
 its held-out RMSE makes those seeds part of the choice, so a claim about the chosen one is checked there. The
-last column is the validation RMSE the fit kept its state by (trajectories of the training pool)."""
+validation RMSE is what the fit kept its state by (trajectories of the training pool); the median per-sample error
+and the worst 2%'s share of the squared error (against the best handcrafted medians at NFE n and 2n in the header)
+show whether a ratio speaks for most samples or for a few (docs/evaluation.md "Tails")."""
 
 import argparse
 import json
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from solverdistill import artifacts, solvers
-from solverdistill.evaluation import acceleration_ratio, heldout_rmse
+from solverdistill.evaluation import acceleration_ratio, heldout_rmse, sample_errors, tail_share
 from solverdistill.fid import digits_fd
 from solverdistill.generate import generate
 from solverdistill.pipeline import method_configs, open_workspace
@@ -140,13 +142,24 @@ where = f"{len(test_held)} test seeds of {test_cache.root}" if args.test_set els
 head = f"{recipe.model.spec}, NFE {args.nfe}, {where}; train seeds {seeds}"
 if args.nfe in curve:
     head += f"; best handcrafted at NFE {args.nfe}: {curve[args.nfe]:.4f} ({best_name[args.nfe]})"
+# The RMSE over many seeds can rest on a few trajectories that end in another mode: the median per-sample error
+# and the worst 2%'s share of the squared error say whether a ratio is about most samples or about a few.
+for m in (args.nfe, 2 * args.nfe):
+    med = {
+        name: sample_errors(p, model, test_cache, test_held).median().item()
+        for name, p in solvers.sweep(m, model).items()
+    }
+    head += f"; best handcrafted median per-sample error at NFE {m}: {min(med.values()):.4f} ({min(med, key=med.get)})"
 if args.fd and args.nfe in fd_curve:
     head += f"; FD: {args.fd} samples from seed {args.fd_seed}, best handcrafted FD at NFE {args.nfe}: "
     head += f"{fd_curve[args.nfe]:.1f} ({fd_name[args.nfe]})"
 scored = "test" if args.test_set else "held-out"
-cols = f"| variant | {scored} RMSE per train seed | mean | ratio (mean) | initial RMSE | s per fit | validation RMSE |"
+cols = (
+    f"| variant | {scored} RMSE per train seed | mean | ratio (mean) | initial RMSE | s per fit | validation RMSE "
+    "| median per-sample error | worst 2%'s share |"
+)
 lines = [head, "", cols + (" FD per train seed | FD ratio (mean FD) |" if args.fd else "")]
-lines.append("|---|---|---|---|---|---|---|" + ("---|---|" if args.fd else ""))
+lines.append("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.fd else ""))
 print("\n".join(lines), flush=True)
 for name in args.variants or list(VARIANTS):
     if name in VARIANTS:
@@ -154,7 +167,7 @@ for name in args.variants or list(VARIANTS):
     else:  # key=value pairs, values read as YAML scalars (5, 0.01, true, dpm++)
         typed = {k: read_value(v) for k, v in (kv.split("=", 1) for kv in name.split(","))}
     s = replace(s0, **{k: v for k, v in typed.items() if k in s_keys})
-    errs, vals, fds, start, fit_s = [], [], [], time.time(), 0.0
+    errs, meds, tails, vals, fds, start, fit_s = [], [], [], [], [], time.time(), 0.0
     for seed in seeds:
         t = replace(t0, **{k: v for k, v in typed.items() if k in t_keys}, seed=seed)
         t_fit = time.time()
@@ -162,7 +175,10 @@ for name in args.variants or list(VARIANTS):
         fit_s += time.time() - t_fit
         if args.save:
             artifacts.save(art, Path(args.save) / f"{name.replace('=', '-').replace(',', '_')}_seed{seed}.npz")
-        errs.append(heldout_rmse(method.load(art, model), model, test_cache, test_held))
+        per_sample = sample_errors(method.load(art, model), model, test_cache, test_held)
+        errs.append(per_sample.pow(2).mean().sqrt().item())
+        meds.append(per_sample.median().item())
+        tails.append(tail_share(per_sample))
         vals.append(min(art.meta["training"]["validation_rmse_by_restart"]))  # what the fit chose by
         if args.fd:
             fds.append(fd_of(method.load(art, model)))
@@ -171,7 +187,7 @@ for name in args.variants or list(VARIANTS):
     row = (
         f"| {name} | {' / '.join(f'{e:.4f}' for e in errs)} | {mean:.4f} | "
         f"{shown(acceleration_ratio(mean, s.nfe, curve) if curve else 0, curve, s.nfe)} | {init:.4f} | {fit_s / len(seeds):.0f} | "
-        f"{' / '.join(f'{v:.4f}' for v in vals)} |"
+        f"{' / '.join(f'{v:.4f}' for v in vals)} | {statistics.fmean(meds):.4f} | {statistics.fmean(tails):.0%} |"
     )
     if args.fd:
         mean_fd = statistics.fmean(fds)

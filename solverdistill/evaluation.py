@@ -65,6 +65,21 @@ def heldout_rmse(
     return rmse(cache_endpoints(solver, model, cache, indices, batch), cache.endpoints(indices))
 
 
+def sample_errors(
+    solver: Solver, model: Any, cache: TeacherCache, indices: np.ndarray | Sequence[int], batch: int = 256
+) -> torch.Tensor:
+    """Each sample's endpoint RMS error against the teacher, float64 [n]. The RMSE over many seeds can rest on a
+    few trajectories that end in another mode; the spread of these shows it (docs/evaluation.md "Tails")."""
+    d = cache_endpoints(solver, model, cache, indices, batch) - cache.endpoints(indices).double()
+    return d.pow(2).flatten(1).mean(1).sqrt()
+
+
+def tail_share(errors: torch.Tensor, fraction: float = 0.02) -> float:
+    """The share of the total squared error that the worst `fraction` of samples carry (at least one sample)."""
+    sq = errors.double().pow(2).sort(descending=True).values
+    return (sq[: max(1, round(fraction * len(sq)))].sum() / sq.sum().clamp_min(1e-300)).item()
+
+
 def acceleration_ratio(student_error: float, student_nfe: int, best_curve: dict[int, float]) -> float:
     """The smallest NFE m (log-log interpolated) at which the best handcrafted solver reaches the student's error,
     divided by the student's NFE (docs/evaluation.md "Acceleration ratio"). `best_curve` maps NFE -> best

@@ -16,6 +16,8 @@ from solverdistill.evaluation import (
     psnr,
     reference_endpoints,
     rmse,
+    sample_errors,
+    tail_share,
 )
 from solverdistill.generate import generate
 from solverdistill.models import resolve
@@ -80,6 +82,22 @@ def test_cache_endpoints_and_heldout_rmse(cache, tiny64):
     # The teacher's own solver at its own steps reproduces its endpoints.
     teacher = plan("dpm++3m", 32, tiny64, schedule="logsnr")
     assert heldout_rmse(teacher, tiny64, cache, idx) < 1e-6 < heldout_rmse(p, tiny64, cache, idx)
+
+
+def test_sample_errors_and_tail_share(cache, tiny64):
+    idx = np.arange(12, 20)
+    p = plan("dpm++3m", 3, tiny64)
+    errs = sample_errors(p, tiny64, cache, idx)
+    ends, ref = cache_endpoints(p, tiny64, cache, idx), cache.endpoints(idx).double()
+    assert errs.shape == (8,) and errs.dtype == torch.float64
+    assert errs[3].item() == pytest.approx(rmse(ends[3:4], ref[3:4]), rel=1e-12)  # one sample's own RMSE
+    # The RMSE over the set is the root mean square of the per-sample errors (equal sizes per sample).
+    assert errs.pow(2).mean().sqrt().item() == pytest.approx(heldout_rmse(p, tiny64, cache, idx), rel=1e-12)
+    # One sample with all the error carries all of it; equal errors share it by count (at least one sample).
+    assert tail_share(torch.tensor([0.0, 0.0, 3.0, 0.0]), 0.25) == pytest.approx(1.0)
+    assert tail_share(torch.ones(100), 0.02) == pytest.approx(0.02)
+    assert tail_share(torch.ones(10), 0.02) == pytest.approx(0.1)
+    assert tail_share(torch.tensor([1.0, 2.0]), 0.5) == pytest.approx(0.8)
 
 
 def test_pixel_frechet_distance():

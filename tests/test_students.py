@@ -476,6 +476,27 @@ def test_auto_schedule_starts_from_the_best_initial_grid(cache, tiny64):
         initial_grid(DLMSStudent(schedule="auto"), 0.002, 80.0)
 
 
+def test_auto_schedule_probe_scores_short_fits(cache, tiny64):
+    """With `train.probe`, every candidate grid is trained briefly and the choice goes by the best validation RMSE
+    of those fits, which never exceeds the untrained one (the fit keeps its best state, the start included)."""
+    from solverdistill.students.dlms import AUTO_SCHEDULES
+
+    method = students.get("dlms")
+    cfg = {"iterations": 0, "heldout": 32, "validation": 16, "probe": 4, "eval_every": 2, "batch": 8, "lr": 0.05}
+    s, t = method.configs({"method": "dlms", "nfe": 3, "schedule": "auto", "designer": "global"}, cfg)
+    ticks = []
+    art = method.fit(cache, tiny64, s, t, lambda n, info="": ticks.append(n))
+    assert sum(ticks) == method.work(s, t) == 4 * len(AUTO_SCHEDULES)  # the progress bar counts the probes
+    training = art.meta["training"]
+    initial, probed = training["initial_rmse_by_schedule"], training["probe_rmse_by_schedule"]
+    assert set(probed) == set(initial) == set(AUTO_SCHEDULES)
+    assert all(probed[k] <= initial[k] for k in probed) and any(probed[k] < initial[k] for k in probed)
+    assert probed[art.meta["student"]["schedule"]] == min(probed.values())
+    # Without probe the untrained scores decide and no probe scores are written.
+    s, t = method.configs({"method": "dlms", "nfe": 3, "schedule": "auto"}, cfg | {"probe": 0})
+    assert method.fit(cache, tiny64, s, t).meta["training"]["probe_rmse_by_schedule"] == {}
+
+
 def test_endpoint_loss_needs_a_final_weight(cache, tiny64):
     method = students.get("dlms")
     s, t = method.configs(

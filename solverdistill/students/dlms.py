@@ -54,7 +54,8 @@ class DLMSStudent:
     afs: bool = True
     init: str = field(default="dpm++", metadata={"choices": ("plms", "dpm++")})
     designer: str = field(default="network", metadata={"choices": ("network", "global", "hybrid")})
-    # The initial grid; `auto`: the one of AUTO_SCHEDULES whose initial rule has the lowest validation RMSE.
+    # The initial grid; `auto`: the one of AUTO_SCHEDULES whose rule has the lowest validation RMSE, untrained or
+    # after `train.probe` iterations.
     schedule: str = "polynomial:7"
     learn_grid: bool = True
     time_scaling: bool = True
@@ -71,6 +72,9 @@ class DLMSTrain(TrainSection):
     lr_decay: str = field(default="none", metadata={"choices": ("cosine", "none")})
     clip: float = field(default=0.0, metadata={"min": 0.0})  # gradient-norm clipping; 0 = off
     restarts: int = field(default=1, metadata={"min": 1})  # independent runs; the best by validation is kept
+    # `schedule: auto` scores each candidate grid after this many iterations of training (0: untrained), since the
+    # best start is not always the one that trains best (README "Results").
+    probe: int = field(default=0, metadata={"min": 0})
     batch: int = field(default=64, metadata={"min": 1})
     iterations: int = field(default=300, metadata={"min": 0})
     validation: int = field(default=64, metadata={"min": 1})  # taken from the training pool, for early stopping
@@ -469,21 +473,38 @@ def train_once(
 
 
 def choose_schedule(
-    s: DLMSStudent, model: Denoiser, cache: TeacherCache, val_idx: np.ndarray
-) -> tuple[DLMSStudent, dict[str, float]]:
-    """`schedule: auto`: the settings with the initial grid (of AUTO_SCHEDULES) whose untrained rule has the lowest
-    validation RMSE, and every candidate's RMSE. Training only moves the rule from there, so the start matters:
-    on our models the best handcrafted grid differs between models and NFEs (README "Results")."""
+    s: DLMSStudent,
+    t: DLMSTrain,
+    model: Denoiser,
+    cache: TeacherCache,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    progress: Callable[..., Any] | None = None,
+    feats: FeatureTerm | None = None,
+) -> tuple[DLMSStudent, dict[str, float], dict[str, float]]:
+    """`schedule: auto`: the settings with the initial grid (of AUTO_SCHEDULES) whose rule has the lowest validation
+    RMSE, with every candidate's untrained RMSE and (with `train.probe`) its best RMSE over a short fit. Training
+    only moves the rule from there, so the start matters: the best handcrafted grid differs between models and
+    NFEs, and the best untrained start is not always the one that trains best (README "Results")."""
     if s.schedule != "auto":
-        return s, {}
-    target, scores = cache.endpoints(val_idx), {}
+        return s, {}, {}
+    target, initial, probed = cache.endpoints(val_idx), {}, {}
     for name in AUTO_SCHEDULES:
         cand = replace(s, schedule=name)
-        with torch.random.fork_rng(devices=[]):  # the designer's (unused) initial weights draw from the global RNG
+        # The designer's initial weights draw from the global RNG: seeded as the fit seeds them, and the caller's
+        # random state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed)
             student = DLMS(cand, initial_grid(cand, model.sigma_min, model.sigma_max))
-        student = student.to(device=model.device, dtype=model.dtype)
-        scores[name] = rmse(cache_endpoints(student, model, cache, val_idx), target)
-    return replace(s, schedule=min(scores, key=scores.__getitem__)), scores
+            student = student.to(device=model.device, dtype=model.dtype)
+            initial[name] = rmse(cache_endpoints(student, model, cache, val_idx), target)
+            if t.probe:
+                short = replace(t, iterations=t.probe, eval_every=min(t.eval_every, t.probe), patience=0)
+                probed[name] = train_once(
+                    student, model, cache, train_idx, val_idx, cand, short, t.seed, progress, feats
+                ).best
+    scores = probed or initial
+    return replace(s, schedule=min(scores, key=scores.__getitem__)), initial, probed
 
 
 def fit(
@@ -497,12 +518,12 @@ def fit(
         raise BadInput(f"train.validation: {t.validation} leaves no training trajectories out of {len(train_idx)}")
     # Model selection uses its own validation trajectories, never the held-out ones the metrics report.
     train_idx, val_idx = train_idx[: -t.validation], train_idx[-t.validation :]
-    s, schedule_scores = choose_schedule(s, model, cache, val_idx)
-    grid = initial_grid(s, model.sigma_min, model.sigma_max)
     ranks = distributed.rank_size()[1]
     if min(t.batch, len(train_idx)) < ranks:
         raise BadInput(f"train.batch: {min(t.batch, len(train_idx))} rows cannot be split over {ranks} processes")
     feats = feature_term(t, model, cache, val_idx)  # before any work: a model without features is refused here
+    s, schedule_scores, probe_scores = choose_schedule(s, t, model, cache, train_idx, val_idx, progress, feats)
+    grid = initial_grid(s, model.sigma_min, model.sigma_max)
     # Training on a few trajectories is high-variance: independent restarts, the best by validation is kept.
     runs = []
     for r in range(t.restarts):
@@ -536,6 +557,7 @@ def fit(
             "validation": len(val_idx),
             "validation_rmse_history": best.history,
             "initial_rmse_by_schedule": schedule_scores,  # `schedule: auto` only
+            "probe_rmse_by_schedule": probe_scores,  # `schedule: auto` with `train.probe` only
             "train": asdict(t),
         },
     )
@@ -593,7 +615,7 @@ register(
         load,
         untrained,
         "learned multistep coefficients, grid and time scaling",
-        work=lambda s, t: t.iterations * t.restarts,
+        work=lambda s, t: t.iterations * t.restarts + (t.probe * len(AUTO_SCHEDULES) if s.schedule == "auto" else 0),
         arrays=("designer.*", "init_grid"),
         check=check,
     )
