@@ -192,3 +192,30 @@ def test_distill_refuses_a_feature_loss_before_the_teacher_runs(tmp_path, recipe
     assert res.exit_code == 2, res.output
     assert "train.final_loss: features" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_relative_step_scale_divides_each_step_by_the_teacher_state_size(cache):
+    """train.step_scale: relative is each step's absolute term over the teacher state's mean square there, so an
+    error of the same relative size costs the same at a noisy step and at the endpoint."""
+    idx = cache.split(0, 16)[0][:4]
+    sigmas = torch.tensor([40.0, 2.0, 0.002], dtype=torch.float64)
+
+    def terms(scale, relative_error):
+        s, t = configs(step_scale=scale, loss="trajectory")
+        step_loss = dlms._loss_fn(cache, idx, s, t, steps=3)
+        out = []
+        for n, sigma in enumerate(sigmas):
+            at = sigma.expand(len(idx))
+            target = cache.states_at(idx, at[:, None], dtype=torch.float64, device=torch.device("cpu"))[:, 0]
+            out.append(float(step_loss(n, at, target * (1 + relative_error))))
+            size = float(target.pow(2).mean())
+            out[-1] = (out[-1], size)
+        return out
+
+    absolute, relative = terms("absolute", 0.1), terms("relative", 0.1)
+    for (a, size), (r, _) in zip(absolute, relative):
+        assert r == pytest.approx(a / size)
+        assert r == pytest.approx(0.01 / 3)  # (0.1)^2 with weight 1/3 at every step, whatever the noise level
+    assert absolute[0][0] > 100 * absolute[2][0]  # in absolute units the noisy step dominates
+    with pytest.raises(BadInput, match="train.step_scale"):
+        configs(step_scale="log")

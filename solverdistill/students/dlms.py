@@ -80,6 +80,10 @@ class DLMSTrain(TrainSection):
     validation: int = field(default=64, metadata={"min": 1})  # taken from the training pool, for early stopping
     loss: str = field(default="both", metadata={"choices": ("trajectory", "endpoint", "both")})
     final_weight: float = field(default=3.0, metadata={"min": 0.0})
+    # `absolute`: each step's squared error as it is (the paper), so the noisy early steps, whose states are tens of
+    # times larger, outweigh the endpoint; `relative`: each step's error divided by the teacher state's mean square
+    # there (detached), so every step counts in the same units (docs/students.md "DLMS").
+    step_scale: str = field(default="absolute", metadata={"choices": ("absolute", "relative")})
     # The paper's final-step term in the feature network of the model's FD (students/feature_loss.py), added to
     # the L2 terms with this weight; the distance is divided by the features' variance over the validation
     # endpoints, so the weight carries over between feature networks.
@@ -397,6 +401,8 @@ def _loss_fn(
         # Differentiable in sigma: the target moves with a learned time.
         target = cache.states_at(idx, sigma[:, None].double(), dtype=x.dtype, device=x.device)[:, 0]
         loss = weights[n] * (x - target).pow(2).mean()
+        if t.step_scale == "relative":
+            loss = loss / target.detach().pow(2).mean().clamp_min(1e-12)
         if n == last and feats:
             loss = loss + feats(x, target.detach())
         return loss
