@@ -1,4 +1,5 @@
-"""DLMS's final-step feature distance (students/feature_loss.py, train.final_loss / train.feature_weight)."""
+"""DLMS's loss terms: the final-step feature distance (students/feature_loss.py, train.final_loss /
+train.feature_weight) and the per-step scale (train.step_scale)."""
 
 import types
 import warnings
@@ -203,13 +204,11 @@ def test_relative_step_scale_divides_each_step_by_the_teacher_state_size(cache):
     def terms(scale, relative_error):
         s, t = configs(step_scale=scale, loss="trajectory")
         step_loss = dlms._loss_fn(cache, idx, s, t, steps=3)
-        out = []
+        out = []  # (the step's loss, the teacher state's mean square) per step
         for n, sigma in enumerate(sigmas):
             at = sigma.expand(len(idx))
             target = cache.states_at(idx, at[:, None], dtype=torch.float64, device=torch.device("cpu"))[:, 0]
-            out.append(float(step_loss(n, at, target * (1 + relative_error))))
-            size = float(target.pow(2).mean())
-            out[-1] = (out[-1], size)
+            out.append((float(step_loss(n, at, target * (1 + relative_error))), float(target.pow(2).mean())))
         return out
 
     absolute, relative = terms("absolute", 0.1), terms("relative", 0.1)
