@@ -9,7 +9,7 @@ as they are measured.
 
 Usage: python benchmarks/sfd_table.py RECIPE [OUT.md] [--nfes 1,2,3,4,5] [--curve 1,2,3,4,5,6,8]
     [--iterations N] [--batch B] [--lr LR] [--lr-schedule step|cosine] [--refine M] [--teacher online|cache]
-    [--variable-iterations N] [--variable-nfes 2,3,4,5] [--skip sfd,sfdv] [--solvers euler,ipndm,...]
+    [--variable-iterations N] [--variable-nfes 2,3,4,5] [--step-lr-scale X] [--skip sfd,sfdv] [--solvers euler,ipndm,...]
     [--handcrafted-from EARLIER.json] [--save DIR] [--cpu-per-iteration N]
 """
 
@@ -38,6 +38,7 @@ ap.add_argument("--batch", type=int, default=0)
 ap.add_argument("--lr", type=float, default=0.0)
 ap.add_argument("--lr-schedule", default="")
 ap.add_argument("--refine", type=int, default=-1)
+ap.add_argument("--step-lr-scale", type=float, default=0.0, help="SFD-v: train.step_lr_scale (0: the recipe's)")
 ap.add_argument("--teacher", default="")
 ap.add_argument("--skip", default="", help="comma-separated: sfd, sfdv")
 ap.add_argument("--variable-nfes", default="2,3,4,5", help="the NFEs SFD-v trains and is measured at")
@@ -170,7 +171,9 @@ if "sfdv" not in skip:
     v_nfes = [int(v) for v in args.variable_nfes.split(",")]
     s_cfg, t_cfg = method.configs(
         vars(s0) | {"nfe": min(v_nfes), "variable": True, "nfe_set": ",".join(map(str, v_nfes))},
-        vars(t0) | {"iterations": args.variable_iterations or 2 * t0.iterations},
+        vars(t0)
+        | {"iterations": args.variable_iterations or 2 * t0.iterations}
+        | ({"step_lr_scale": args.step_lr_scale} if args.step_lr_scale else {}),
     )
     began, cpu = time.time(), time.process_time()
     art = method.fit(cache, model, s_cfg, t_cfg)

@@ -191,6 +191,36 @@ def test_sfd_v_needs_a_step_condition_and_runs_at_every_nfe(toy, fitted):
         method.load(fixed_art, fixed_model).at_nfe(3)
 
 
+def test_step_lr_scale_moves_only_the_step_condition_faster(toy):
+    """SFD-v's step embedding starts at zero; `train.step_lr_scale` multiplies its Adam lr alone. One Adam step
+    moves each parameter by its lr (Adam's first step is lr * sign(gradient)), so after one update (one iteration
+    at NFE 1: the AFS step and one trained step) the embedding has moved k times as far and every other weight
+    the same."""
+    method = students.get("sfd")
+    cache = TeacherCache.open(toy / "cache")
+    moved = {}
+    for k in (1.0, 30.0):
+        s, t = method.configs(
+            {"method": "sfd", "nfe": 1, "variable": True, "nfe_set": "1"},
+            {"iterations": 1, "heldout": 8, "batch": 4, "lr": 1e-4, "lr_schedule": "cosine", "step_lr_scale": k},
+        )
+        model = resolve("python:tinytoy:make")
+        art = method.fit(cache, model, s, t)
+        before = model.net.state_dict()
+        moved[k] = {n: torch.from_numpy(art.arrays[f"net.{n}"]) - before[n] for n in before}
+    embed = "step_embed.weight"
+    row = moved[1.0][embed][1]  # the row of NFE 1, the only one trained
+    assert torch.allclose(row.abs(), torch.full_like(row, 1e-4), rtol=0.05)
+    assert torch.allclose(moved[30.0][embed][1], 30 * row, rtol=0.05)
+    assert not moved[30.0][embed][2].any()  # untrained NFEs keep their zero rows
+    for name in moved[1.0]:
+        if name != embed:
+            assert torch.allclose(moved[30.0][name], moved[1.0][name], atol=1e-7), name
+    with pytest.raises(BadInput, match=r"train\.step_lr_scale: applies to SFD-v"):
+        s, t = method.configs({"method": "sfd", "nfe": 2}, {"iterations": 1, "heldout": 8, "step_lr_scale": 10})
+        method.fit(cache, resolve("python:tinytoy:make"), s, t)
+
+
 def test_sfd_euler_is_the_handcrafted_euler_with_afs(fitted):
     """The untrained student samples exactly like `euler+afs` on the student grid with the original network."""
     art, model, _ = fitted

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -74,6 +74,10 @@ class ToyUNet(nn.Module):
         self.up1, self.u1 = nn.Conv2d(c2, c1, 3, padding=1), ResBlock(2 * c1, c1, emb)
         self.out = nn.Sequential(nn.GroupNorm(8, c1), nn.SiLU(), nn.Conv2d(c1, img_channels, 3, padding=1))
         self.bottleneck = None
+
+    def step_condition_parameters(self) -> Iterator[nn.Parameter]:
+        """What SFD-v's step condition adds to the noise embedding (zero at the start: no change)."""
+        return self.step_embed.parameters()
 
     def forward(
         self,

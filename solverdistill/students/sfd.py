@@ -65,6 +65,10 @@ class SFDTrain(TrainSection):
     teacher_solver: str = field(default="dpm++3m", metadata={"max_len": 100})  # online: the teacher's solver
     refine: int = field(default=3, metadata={"min": 0, "max": 1000})  # online: M points inside each interval
     lr_schedule: str = field(default="step", metadata={"choices": ("step", "cosine")})  # step: x0.1 at half
+    # SFD-v: the step-condition parameters' lr as a multiple of `lr`. They start at zero (no condition = the
+    # original network), so at the fine-tuning lr they stay small and the NFEs share one behaviour
+    # (docs/students.md "SFD and SFD-v").
+    step_lr_scale: float = field(default=1.0, metadata={"min": 0.0})
 
 
 def student_grid(s: SFDStudent, model: Denoiser, nfe: int) -> torch.Tensor:
@@ -229,6 +233,13 @@ def fit(
     return Artifact(meta, arrays)
 
 
+def step_condition_parameters(net: Any) -> list[torch.nn.Parameter]:
+    """The parameters that carry the network's step condition (SFD-v): what its `step_condition_parameters()`
+    returns, none without one."""
+    found = getattr(net, "step_condition_parameters", None)
+    return list(found()) if callable(found) else []
+
+
 def tune(
     cache: TeacherCache,
     model: Denoiser,
@@ -245,7 +256,17 @@ def tune(
         student.net.load_state_dict(weights)
     net = student.net.train().requires_grad_(True)
     ema = copy.deepcopy(net).requires_grad_(False) if t.ema else None
-    opt = torch.optim.Adam(net.parameters(), lr=t.lr, betas=(0.9, 0.999))
+    conditioned = step_condition_parameters(net) if s.variable else []
+    if t.step_lr_scale != 1.0 and not conditioned:
+        raise BadInput(
+            "train.step_lr_scale: applies to SFD-v (student.variable: true) on a network with "
+            f"step_condition_parameters(); {model.spec} has none here"
+        )
+    rest = [p for p in net.parameters() if all(p is not q for q in conditioned)]
+    groups = [{"params": rest, "scale": 1.0}] + (
+        [{"params": conditioned, "scale": t.step_lr_scale}] if conditioned else []
+    )
+    opt = torch.optim.Adam(groups, lr=t.lr, betas=(0.9, 0.999))
     # Under torchrun the network runs wrapped in DistributedDataParallel, which averages its gradients over the
     # ranks during backward; the student calls the wrapper and still reads the network's attributes. One
     # process: no wrapper, the network as is.
@@ -265,11 +286,12 @@ def tune(
     torch.manual_seed(t.seed)
     losses, cleaned = [], 0
     for it in range(1, t.iterations + 1):
+        if t.lr_schedule == "cosine":  # a measured alternative to the paper's step (docs/students.md "SFD")
+            decay = 0.5 * (1 + np.cos(np.pi * (it - 1) / t.iterations))
+        else:
+            decay = 1.0 if it <= t.iterations // 2 else 0.1
         for g in opt.param_groups:
-            if t.lr_schedule == "cosine":  # a measured alternative to the paper's step (docs/students.md "SFD")
-                g["lr"] = t.lr * 0.5 * (1 + np.cos(np.pi * (it - 1) / t.iterations))
-            elif it == t.iterations // 2 + 1:
-                g["lr"] = t.lr * 0.1
+            g["lr"] = t.lr * g["scale"] * decay
         nfe = int(rng.choice(nfes))
         set_step(student, nfe if s.variable else None)
         grid = student_grid(s, model, nfe)
