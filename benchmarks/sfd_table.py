@@ -183,7 +183,9 @@ if "sfdv" not in skip:
     solver = method.load(art, model)
     for nfe in v_nfes:
         results["SFD-v"][nfe] = {**measure(solver.at_nfe(nfe)), "seconds": seconds, "cpu_seconds": cpu}
-    say(f"SFD-v NFEs {v_nfes}: {seconds:.0f}s wall, {cpu:.0f}s CPU")
+    say(
+        f"SFD-v NFEs {v_nfes}, {t_cfg.iterations} iterations, step_lr_scale {t_cfg.step_lr_scale}: {seconds:.0f}s wall, {cpu:.0f}s CPU"
+    )
 say("")
 best = {n: c["rmse"] for n, c in curve.items()}
 header = "| NFE | best handcrafted RMSE | SFD RMSE | SFD-v RMSE |"
