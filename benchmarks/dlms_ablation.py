@@ -180,6 +180,10 @@ for name in args.variants or list(VARIANTS):
         typed = VARIANTS[name]
     else:  # key=value pairs, values read as YAML scalars (5, 0.01, true, dpm++)
         typed = {k: read_value(v) for k, v in (kv.split("=", 1) for kv in name.split(","))}
+        unknown = sorted(set(typed) - s_keys - t_keys)
+        if unknown:  # a misspelt or stale key would otherwise train the recipe as it is under another name
+            known = ", ".join(sorted(s_keys | t_keys))
+            raise SystemExit(f"variant {name!r}: unknown key {unknown[0]!r}; student/train keys: {known}")
     s = replace(s0, **{k: v for k, v in typed.items() if k in s_keys})
     errs, meds, tails, vals, fds, start, fit_s = [], [], [], [], [], time.time(), 0.0
     for seed in seeds:

@@ -218,3 +218,31 @@ def test_relative_step_scale_divides_each_step_by_the_teacher_state_size(cache):
     assert absolute[0][0] > 100 * absolute[2][0]  # in absolute units the noisy step dominates
     with pytest.raises(BadInput, match="train.step_scale"):
         configs(step_scale="log")
+
+
+def test_ema_keeps_the_moving_average_of_the_live_designer(cache, tiny64, monkeypatch):
+    """train.ema: Adam's steps are the same, and what is validated, kept and written is the exponential moving
+    average of the live weights, step by step."""
+    import itertools
+
+    falling = itertools.count()
+    monkeypatch.setattr(dlms, "rmse", lambda a, b: 1.0 / (1 + next(falling)))  # every evaluation is the best yet
+    method = students.get("dlms")
+
+    def weights(iterations, **train):
+        s, t = configs(iterations=iterations, eval_every=1, **train)
+        arrays = method.fit(cache, tiny64, s, t).arrays
+        return {k: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("designer.")}
+
+    live = [weights(n) for n in range(4)]  # the live designer after 0-3 steps (each run a prefix of the next)
+    assert any(not torch.equal(live[3][k], live[0][k]) for k in live[0])
+    decay = 0.6
+    average = dict(live[0])
+    for step in live[1:]:
+        average = {k: average[k] + (1 - decay) * (step[k] - average[k]) for k in average}
+    got = weights(3, ema=decay)
+    for k in average:
+        torch.testing.assert_close(got[k], average[k])
+    assert any(not torch.allclose(got[k], live[3][k]) for k in got)
+    with pytest.raises(BadInput, match="train.ema"):
+        configs(ema=1.0)

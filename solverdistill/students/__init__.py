@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
+import torch
+
 from ..artifacts import Artifact
 from ..errors import BadInput
 from ..recipes import build_section
@@ -121,4 +123,11 @@ def stored_settings(artifact: Artifact, cls: type) -> Any:
         raise BadInput(f"{artifact.path}: {e}") from None
 
 
-__all__ = ["METHODS", "Method", "TrainSection", "get", "names", "register", "stored_settings"]
+@torch.no_grad()
+def ema_update(average: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
+    """Move `average`'s parameters towards `live`'s: an exponential moving average with this decay per step."""
+    for pa, p in zip(average.parameters(), live.parameters()):
+        pa.lerp_(p, 1 - decay)
+
+
+__all__ = ["METHODS", "Method", "TrainSection", "ema_update", "get", "names", "register", "stored_settings"]

@@ -36,7 +36,7 @@ from ..evaluation import cache_endpoints, rmse
 from ..solvers.base import Callback
 from ..solvers.multistep import CoefficientSource, Weights, run_multistep
 from ..solvers.tables import ADAMS_BASHFORTH, dpmpp_table
-from . import Method, TrainSection, register, stored_settings
+from . import Method, TrainSection, ema_update, register, stored_settings
 from .feature_loss import FeatureNet, feature_network
 
 if TYPE_CHECKING:
@@ -71,6 +71,9 @@ class DLMSTrain(TrainSection):
     lr: float = field(default=5e-3, metadata={"min": 0.0})
     lr_decay: str = field(default="none", metadata={"choices": ("cosine", "none")})
     clip: float = field(default=0.0, metadata={"min": 0.0})  # gradient-norm clipping; 0 = off
+    # Decay of an exponential moving average of the designer's weights; when set, validation, the kept state and
+    # the artifact use the average, which smooths the step-to-step noise of Adam at a constant rate (0 = off).
+    ema: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9999})
     restarts: int = field(default=1, metadata={"min": 1})  # independent runs; the best by validation is kept
     # `schedule: auto` scores each candidate grid after this many iterations of training (0: untrained), since the
     # best start is not always the one that trains best (README "Results").
@@ -439,11 +442,14 @@ def train_once(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(t.iterations, 1)) if t.lr_decay == "cosine" else None
     target_end = cache.endpoints(val_idx)
 
+    # What is validated and kept: the live student, or its moving average with `train.ema`.
+    kept = copy.deepcopy(student).requires_grad_(False) if t.ema else student
+
     def evaluate() -> float:
-        return rmse(cache_endpoints(student, model, cache, val_idx), target_end)
+        return rmse(cache_endpoints(kept, model, cache, val_idx), target_end)
 
     history = [(0, evaluate())]
-    best, best_state, stale, skipped, it = history[0][1], copy.deepcopy(student.state_dict()), 0, 0, 0
+    best, best_state, stale, skipped, it = history[0][1], copy.deepcopy(kept.state_dict()), 0, 0, 0
     for it in range(1, t.iterations + 1):
         idx = np.sort(rng.choice(train_idx, size=min(t.batch, len(train_idx)), replace=False))
         # Under torchrun every rank draws the same global batch and trains on its contiguous share; gradients
@@ -462,13 +468,15 @@ def train_once(
             if t.clip:
                 torch.nn.utils.clip_grad_norm_(student.designer.parameters(), t.clip)
             opt.step()
+            if t.ema:
+                ema_update(kept, student, t.ema)
         if sched:
             sched.step()
         if it % t.eval_every == 0 or it == t.iterations:
             rm = evaluate()
             history.append((it, rm))
             if rm < best:
-                best, best_state, stale = rm, copy.deepcopy(student.state_dict()), 0
+                best, best_state, stale = rm, copy.deepcopy(kept.state_dict()), 0
             else:
                 stale += 1
             if t.patience and stale >= t.patience:

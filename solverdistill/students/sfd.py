@@ -32,7 +32,7 @@ from ..solvers import Plan
 from ..solvers import get as get_solver
 from ..solvers.base import Callback, Step
 from ..teacher.run import draw_cond
-from . import Method, TrainSection, register, stored_settings
+from . import Method, TrainSection, ema_update, register, stored_settings
 
 if TYPE_CHECKING:
     from ..models.base import Denoiser
@@ -340,9 +340,7 @@ def tune(
                     torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
             opt.step()
             if ema is not None:
-                with torch.no_grad():
-                    for pe, p in zip(ema.parameters(), net.parameters()):
-                        pe.lerp_(p, 1 - t.ema)
+                ema_update(ema, net, t.ema)
             total += float(per_row.detach().mean())  # this rank's own mean (rank 0 reports it)
             return True
 
