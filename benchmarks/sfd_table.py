@@ -9,6 +9,7 @@ as they are measured.
 
 Usage: python benchmarks/sfd_table.py RECIPE [OUT.md] [--nfes 1,2,3,4,5] [--curve 1,2,3,4,5,6,8]
     [--iterations N] [--batch B] [--lr LR] [--lr-schedule step|cosine] [--refine M] [--teacher online|cache]
+    [--distance l1|l2] [--ema DECAY]
     [--variable-iterations N] [--variable-nfes 2,3,4,5] [--step-lr-scale X] [--skip sfd,sfdv] [--solvers euler,ipndm,...]
     [--handcrafted-from EARLIER.json] [--save DIR] [--cpu-per-iteration N]
 """
@@ -40,6 +41,8 @@ ap.add_argument("--lr-schedule", default="")
 ap.add_argument("--refine", type=int, default=-1)
 ap.add_argument("--step-lr-scale", type=float, default=0.0, help="SFD-v: train.step_lr_scale (0: the recipe's)")
 ap.add_argument("--teacher", default="")
+ap.add_argument("--distance", default="", help="train.distance: l1 (the paper's) or l2; empty: the recipe's")
+ap.add_argument("--ema", type=float, default=0.0, help="train.ema (0: the recipe's)")
 ap.add_argument("--skip", default="", help="comma-separated: sfd, sfdv")
 ap.add_argument("--variable-nfes", default="2,3,4,5", help="the NFEs SFD-v trains and is measured at")
 ap.add_argument("--solvers", default="", help="handcrafted names the curve takes (with +afs variants); all if empty")
@@ -70,6 +73,8 @@ for key, value in (
     ("lr", args.lr),
     ("lr_schedule", args.lr_schedule),
     ("teacher", args.teacher),
+    ("distance", args.distance),
+    ("ema", args.ema),
 ):
     if value:
         setattr(t0, key, value)

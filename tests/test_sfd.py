@@ -221,6 +221,37 @@ def test_step_lr_scale_moves_only_the_step_condition_faster(toy):
         method.fit(cache, resolve("python:tinytoy:make"), s, t)
 
 
+def test_distance_is_the_summed_absolute_or_squared_error_per_step(toy):
+    """`train.distance`: the reported first loss (lr 0, the whole training pool as one batch) is the sum over the
+    trained steps of the batch mean of each row's summed |error| (l1) or squared error (l2) against the teacher."""
+    method = students.get("sfd")
+    cache = TeacherCache.open(toy / "cache")
+    model = resolve("python:tinytoy:make")
+    idx = np.sort(cache.split(0, 8)[0])
+    got = {}
+    for d in ("l1", "l2"):
+        s, t = method.configs(
+            {"method": "sfd", "nfe": 2}, {"iterations": 1, "heldout": 8, "batch": len(idx), "lr": 0.0, "distance": d}
+        )
+        got[d] = method.fit(cache, model, s, t).meta["training"]["first_loss"]
+    grid = student_grid(s, model, 2)
+    x, cond = cache.start(idx, model)
+    targets = cache.states_at(idx, grid[1:].numpy(), dtype=x.dtype, device=x.device)
+    errors = []
+    euler = sfd.euler_plan(s, grid, 2)
+    with torch.no_grad():
+        euler.info.solve(
+            model, x, euler.sigmas, cond=cond, afs=True,
+            on_step=lambda k, sigma, out: errors.append((out - targets[:, k]).flatten(1)) or True,
+        )  # fmt: skip
+    trained = errors[1:]  # the AFS step calls no network
+    assert len(trained) == 2
+    assert got["l1"] == pytest.approx(sum(float(e.abs().sum(1).mean()) for e in trained), rel=1e-5)
+    assert got["l2"] == pytest.approx(sum(float(e.pow(2).sum(1).mean()) for e in trained), rel=1e-5)
+    with pytest.raises(BadInput, match="train.distance"):
+        method.configs({"method": "sfd", "nfe": 2}, {"distance": "huber"})
+
+
 def test_sfd_euler_is_the_handcrafted_euler_with_afs(fitted):
     """The untrained student samples exactly like `euler+afs` on the student grid with the original network."""
     art, model, _ = fitted

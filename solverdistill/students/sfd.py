@@ -2,8 +2,9 @@
 
 The student is a copy of the denoiser's network sampled with euler + AFS on a polynomial (rho 7) grid over
 [0.006, 80] (clipped to the model's range). For every student step: one euler step from the student's own detached
-state, L1 to the teacher state at the next sigma (summed over elements, averaged over the batch), NaN/inf gradients
-zeroed, one Adam step; then continue from the student's output. lr x0.1 at half of training; optional EMA.
+state, L1 (or, with `train.distance: l2`, squared) distance to the teacher state at the next sigma (summed over
+elements, averaged over the batch), NaN/inf gradients zeroed, one Adam step; then continue from the student's
+output. lr x0.1 at half of training; optional EMA.
 SFD-v trains one network for several NFEs, telling it the number of steps through a step condition (only for
 networks that accept one). Teacher states come from the teacher cache (Hermite between its grid points), or, with
 `train.teacher: online` as the paper trains, from the frozen network solved by `train.teacher_solver` on the
@@ -69,6 +70,9 @@ class SFDTrain(TrainSection):
     # original network) and stay small at the fine-tuning lr (docs/students.md "SFD and SFD-v"; x50 measured no
     # better on toy:unet-gmm, README "Results").
     step_lr_scale: float = field(default=1.0, metadata={"min": 0.0})
+    # The per-step distance to the teacher: `l1`, the paper's (summed absolute error), or `l2` (summed squared
+    # error), which weighs the rare large misses the way an RMSE does (docs/students.md "SFD and SFD-v").
+    distance: str = field(default="l1", metadata={"choices": ("l1", "l2")})
 
 
 def student_grid(s: SFDStudent, model: Denoiser, nfe: int) -> torch.Tensor:
@@ -321,12 +325,13 @@ def tune(
             rows: int = rows,
             share: int = share,
         ) -> bool:
-            """After student step k: L1 to the teacher, one Adam step; always cut the graph (the next step
+            """After student step k: the distance to the teacher, one Adam step; always cut the graph (the next step
             starts from the student's own detached state)."""
             nonlocal total, cleaned
             if s.afs and k == 0:  # no network in the AFS step: nothing to train
                 return True
-            per_row = (out - targets[:, k]).abs().flatten(1).sum(1)
+            diff = (out - targets[:, k]).flatten(1)
+            per_row = (diff.abs() if t.distance == "l1" else diff.pow(2)).sum(1)
             loss = per_row.mean()
             if size > 1:
                 # DDP averages the ranks' gradients equally; weighting this rank's mean by rows * size / global
@@ -348,7 +353,7 @@ def tune(
         euler.info.solve(student, x, euler.sigmas, cond=cond, afs=s.afs, on_step=train_step)
         losses.append(total)
         if progress:
-            progress(1, info=f"L1 {total:.3e} (NFE {nfe})")
+            progress(1, info=f"{t.distance.upper()} {total:.3e} (NFE {nfe})")
     final = ema if ema is not None else net
     summary = {
         "seconds": time.time() - began,
