@@ -59,7 +59,7 @@ class SFDTrain(TrainSection):
     lr: float = field(default=5e-5, metadata={"min": 0.0})
     batch: int = field(default=32, metadata={"min": 1})
     iterations: int = field(default=200, metadata={"min": 1})
-    ema: float = field(default=0.0, metadata={"min": 0.0})  # EMA decay of the weights; 0 = off
+    ema: float = field(default=0.0, metadata={"min": 0.0, "max": 0.9999})  # EMA decay of the weights; 0 = off
     seed: int = 0
     # Where targets come from: the cache (Hermite between its points), or the frozen network solved alongside.
     teacher: str = field(default="cache", metadata={"choices": ("cache", "online")})
