@@ -1,6 +1,7 @@
 """DLMS's loss terms: the final-step feature distance (students/feature_loss.py, train.final_loss /
 train.feature_weight) and the per-step scale (train.step_scale)."""
 
+import itertools
 import types
 import warnings
 
@@ -223,8 +224,6 @@ def test_relative_step_scale_divides_each_step_by_the_teacher_state_size(cache):
 def test_ema_keeps_the_moving_average_of_the_live_designer(cache, tiny64, monkeypatch):
     """train.ema: Adam's steps are the same, and what is validated, kept and written is the exponential moving
     average of the live weights, step by step."""
-    import itertools
-
     falling = itertools.count()
     monkeypatch.setattr(dlms, "rmse", lambda a, b: 1.0 / (1 + next(falling)))  # every evaluation is the best yet
     method = students.get("dlms")
