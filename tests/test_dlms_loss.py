@@ -1,5 +1,5 @@
 """DLMS's loss terms: the final-step feature distance (students/feature_loss.py, train.final_loss /
-train.feature_weight) and the per-step scale (train.step_scale)."""
+train.feature_weight) and the per-step scale (train.step_scale); and the weight average it keeps (train.ema)."""
 
 import itertools
 import types
