@@ -269,6 +269,9 @@ def vq_from_compvis(src: dict) -> tuple[dict, dict]:
         up_block_types=("UpDecoderBlock2D",) * len(widths),
         num_vq_embeddings=emb.shape[0],
         vq_embed_dim=emb.shape[1],
+        # CompVis decodes VQ-f4 latents unscaled; diffusers' LDMPipeline divides by this key, and its default is
+        # the KL autoencoders' 0.18215 (diffusers issue #6725), so write 1.0 and both decode the same images.
+        scaling_factor=1.0,
     )
     return config, out
 

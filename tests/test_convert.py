@@ -168,6 +168,8 @@ def test_convert_round_trip(converted):
         assert torch.allclose(v2.decode(x).sample, vq.decode(x).sample, atol=1e-5)
     d = resolve(f"diffusers:{out}")
     assert d.latent_scale == 1.0 and d.sigma_max == pytest.approx(83.8, rel=1e-2)
+    # diffusers' LDMPipeline divides the latents by this before decoding: 1.0 keeps its images CompVis's
+    assert v2.config.scaling_factor == 1.0
 
 
 def test_convert_rejects_other_files(tmp_path, cli):

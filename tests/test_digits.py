@@ -4,6 +4,7 @@ skips cleanly without it."""
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,6 +269,52 @@ def test_digit_model_names_the_demo_recipe_for_compare():
     for spec in ("toy:unet-digits?guidance=2", "toy:unet-digits?class=3"):
         assert resolve(spec).default_recipe is None
     assert default_metrics(m) == ["rmse", "digits"] and default_metrics(resolve("gmm:tiny")) == ["rmse"]
+
+
+def test_the_demo_recipe_ships_in_the_wheel(tmp_path):
+    """The recipe the digit model names is package data (a link to recipes/digits_demo.yaml in the checkout), so an
+    installed wheel's `compare --model toy:unet-digits` finds it too: build a wheel from a copy of the package and
+    read the recipe back out of it."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    from solverdistill.models.toy import DIGITS_RECIPE
+
+    root = Path(__file__).resolve().parents[1]
+    assert DIGITS_RECIPE.parent == root / "solverdistill" / "data"
+    assert DIGITS_RECIPE.resolve() == (root / "recipes" / "digits_demo.yaml").resolve()
+    src = tmp_path / "src"
+    shutil.copytree(
+        root / "solverdistill",
+        src / "solverdistill",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("__pycache__", "*.safetensors", "*.npz"),
+    )
+    (src / "recipes").mkdir()
+    shutil.copy(root / "recipes" / "digits_demo.yaml", src / "recipes")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("solverdistill-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = z.read("solverdistill/data/digits_demo.yaml")
+    assert shipped == (root / "recipes" / "digits_demo.yaml").read_bytes()
 
 
 def test_demo_reads_the_handcrafted_fds_it_would_measure(tmp_path, cli):

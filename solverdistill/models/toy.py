@@ -27,9 +27,9 @@ DIGITS_WEIGHTS = WEIGHTS.with_name("toy_unet_digits.safetensors")
 SIGMA_DATA = 0.5
 # toy:unet-digits: 16x16 grey digits, ten classes and a null class (index 10) for the unconditional model
 DIGITS_NET = {"channels": (32, 64, 128), "img_channels": 1, "num_classes": 10, "steps_embed": 16}
-# The recipe `compare --model toy:unet-digits` distills missing students with (the demo's; docs/evaluation.md):
-# found in a source checkout, as recipes/ is not package data.
-DIGITS_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "digits_demo.yaml"
+# The recipe `compare --model toy:unet-digits` distills missing students with (the demo's; docs/evaluation.md).
+# recipes/ is not in the wheel: package data holds a link to recipes/digits_demo.yaml, which a wheel stores as a file.
+DIGITS_RECIPE = WEIGHTS.with_name("digits_demo.yaml")
 
 
 class ResBlock(nn.Module):
