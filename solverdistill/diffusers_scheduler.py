@@ -10,6 +10,8 @@ network is fed next, x_i / sqrt(q_i^2 + 1) at the query sigma q_i, so `scale_mod
 pipelines that skip it (DDPMPipeline) work too; `init_noise_sigma` = sigma_0 / sqrt(q_0^2 + 1) makes the
 pipeline's starting latents sigma_0 z, our start. The last step returns x_N at sigma_min itself, as `sample` does.
 With AFS the pipeline still runs the network at the first timestep; the scheduler ignores that output.
+img2img pipelines may use it at strength 1 (`add_noise` at the first timestep); a later start is refused, as the
+learned steps need the outputs of the steps before them.
 
 Importing this module imports diffusers (the optional extra).
 """
@@ -115,6 +117,24 @@ class SolverDistillScheduler(SchedulerMixin, ConfigMixin):
     @property
     def step_index(self) -> int:
         return self._step_index
+
+    START_ONLY = (
+        "SolverDistillScheduler: the exported solver starts only at its first step (img2img: strength=1.0); each "
+        "step combines the network outputs of the steps before it, which a later start would not have"
+    )
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Where an img2img pipeline starts; `strength` below 1 asks for a later step, which this solver refuses."""
+        if begin_index != 0:
+            raise ValueError(f"{self.START_ONLY}; got begin index {begin_index}")
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: Any) -> torch.Tensor:
+        """img2img's start at the first timestep: x0 + sigma_0 noise, as the network's input there (the state the
+        pipeline holds between steps)."""
+        t = torch.as_tensor(timesteps, dtype=self.timesteps.dtype).flatten().to(self.timesteps.device)
+        if not bool((t == self.timesteps[0]).all()):
+            raise ValueError(f"{self.START_ONLY}; got timesteps {t.tolist()}, the first is {float(self.timesteps[0])}")
+        return (original_samples + self.config.sigmas[0] * noise) / self._scale(0)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
         """The identity: the sample between steps is already the network's input."""

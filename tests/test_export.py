@@ -218,6 +218,44 @@ def test_scheduler_reproduces_sample_in_stable_diffusion(kind, guidance, sd, tmp
     assert rel(got, want) < 1e-4, rel(got, want)
 
 
+def test_scheduler_starts_img2img_at_strength_one_only(sd, tmp_path, cli):
+    """StableDiffusionImg2ImgPipeline at strength 1 starts from `add_noise`: x0 + sigma_0 noise at the network's
+    input scale, and then steps exactly as the text-to-image pipeline does from that start; a later start
+    (strength < 1) is refused with a message saying why."""
+    spec = f"diffusers:{sd}?prompt=a cat&guidance=7.5"
+    model = resolve(spec)
+    sched = exported(cli, dlms_artifact(tmp_path / "d.npz", model), tmp_path)
+    model.tokenizer.model_max_length = 77
+    parts = dict(vae=model.autoencoder, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.net)
+    extra = dict(scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**parts, **extra)
+    txt2img = diffusers.StableDiffusionPipeline(**parts, **extra)
+    for p in (img2img, txt2img):
+        p.set_progress_bar_config(disable=True)
+    seen = {}
+    add_noise = sched.add_noise
+
+    def spy(x0, noise, t):
+        seen["x0"], seen["noise"], seen["out"] = x0, noise, add_noise(x0, noise, t)
+        return seen["out"]
+
+    sched.add_noise = spy
+    steps, image = len(sched.timesteps), torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    run = dict(num_inference_steps=steps, guidance_scale=7.5, output_type="latent")
+    got = img2img(["a cat"] * 2, image=image, strength=1.0, generator=torch.Generator().manual_seed(1), **run).images
+    sigma0, q0 = sched.config.sigmas[0], sched.config.queries[0]
+    start = seen["x0"] + sigma0 * seen["noise"]
+    assert torch.allclose(seen["out"], start / (q0**2 + 1) ** 0.5, rtol=0, atol=1e-6)
+    assert seen["x0"].abs().max() > 0.1  # the image's latents are in the start, not only noise
+    want = txt2img(["a cat"] * 2, latents=start / sigma0, height=16, width=16, **run).images  # x init_noise_sigma
+    assert rel(got, want) < 1e-5, rel(got, want)
+    with pytest.raises(ValueError, match="strength=1.0"):
+        img2img(["a cat"] * 2, image=image, strength=0.5, **run)
+    with pytest.raises(ValueError, match="strength=1.0"):
+        sched.set_timesteps()
+        sched.add_noise(seen["x0"], seen["noise"], sched.timesteps[1:2])
+
+
 def test_exported_sigmas_reproduce_our_euler_in_euler_discrete(ddpm_dir, tmp_path, cli, ddpm_scheduler):
     spec = f"diffusers:{ddpm_dir}"
     model = resolve(spec)
