@@ -252,6 +252,33 @@ def test_distance_is_the_summed_absolute_or_squared_error_per_step(toy):
         method.configs({"method": "sfd", "nfe": 2}, {"distance": "huber"})
 
 
+def test_balance_divides_each_nfes_distance_by_its_running_mean(toy, monkeypatch):
+    """SFD-v `train.balance: nfe`: with plain gradient descent in place of Adam (a step is lr x gradient), the first
+    update (train seed 1 draws NFE 1 first: one trained step) is the unbalanced one divided by that step's own
+    distance, and the reported loss is the distance itself; plain SFD refuses the key."""
+    monkeypatch.setattr(sfd.torch.optim, "Adam", lambda groups, lr, betas: torch.optim.SGD(groups, lr=lr))
+    method = students.get("sfd")
+    cache = TeacherCache.open(toy / "cache")
+    moved, first = {}, {}
+    for b in ("none", "nfe"):
+        s, t = method.configs(
+            {"method": "sfd", "nfe": 1, "variable": True, "nfe_set": "1,2"},
+            {"iterations": 1, "heldout": 8, "batch": 4, "lr": 1e-3, "lr_schedule": "cosine", "seed": 1, "balance": b},
+        )
+        model = resolve("python:tinytoy:make")
+        art = method.fit(cache, model, s, t)
+        before = model.net.state_dict()
+        moved[b] = torch.cat([(torch.from_numpy(art.arrays[f"net.{n}"]) - before[n]).flatten() for n in before])
+        first[b] = art.meta["training"]["first_loss"]
+    assert first["nfe"] == pytest.approx(first["none"]) and moved["none"].abs().max() > 1e-6
+    want = moved["none"] / first["none"]
+    big = want.abs() > 1e-5  # weights are float32: smaller moves are lost in their rounding
+    assert big.sum() > 100 and torch.allclose(moved["nfe"][big], want[big], rtol=1e-2)
+    with pytest.raises(BadInput, match=r"train\.balance: nfe .* student\.variable"):
+        s, t = method.configs({"method": "sfd", "nfe": 2}, {"iterations": 1, "heldout": 8, "balance": "nfe"})
+        method.fit(cache, resolve("python:tinytoy:make"), s, t)
+
+
 def test_sfd_euler_is_the_handcrafted_euler_with_afs(fitted):
     """The untrained student samples exactly like `euler+afs` on the student grid with the original network."""
     art, model, _ = fitted

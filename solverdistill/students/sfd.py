@@ -73,6 +73,9 @@ class SFDTrain(TrainSection):
     # The per-step distance to the teacher: `l1`, the paper's (summed absolute error), or `l2` (summed squared
     # error), which weighs the rare large misses the way an RMSE does (docs/students.md "SFD and SFD-v").
     distance: str = field(default="l1", metadata={"choices": ("l1", "l2")})
+    # SFD-v: `nfe` divides each NFE's distance by a running mean of its own, so Adam's shared gradient scale is not
+    # set by the few-step NFEs' larger errors alone (docs/students.md "SFD and SFD-v"); `none`: the paper's sum.
+    balance: str = field(default="none", metadata={"choices": ("none", "nfe")})
 
 
 def student_grid(s: SFDStudent, model: Denoiser, nfe: int) -> torch.Tensor:
@@ -266,6 +269,12 @@ def tune(
             "train.step_lr_scale: applies to SFD-v (student.variable: true) on a network with "
             f"step_condition_parameters(); {model.spec} has none here"
         )
+    if t.balance != "none" and len(nfes) < 2:
+        raise BadInput(
+            f"train.balance: {t.balance} weighs the NFEs of SFD-v against each other; expected student.variable: "
+            f"true with two or more NFEs in student.nfe_set, got NFE {nfes}"
+        )
+    scales: dict[int, float] = {}  # `balance: nfe`: each NFE's running mean distance per trained step
     rest = [p for p in net.parameters() if all(p is not q for q in conditioned)]
     groups = [{"params": rest, "scale": 1.0}] + (
         [{"params": conditioned, "scale": t.step_lr_scale}] if conditioned else []
@@ -324,6 +333,7 @@ def tune(
             targets: torch.Tensor = targets,
             rows: int = rows,
             share: int = share,
+            nfe: int = nfe,
         ) -> bool:
             """After student step k: the distance to the teacher, one Adam step; always cut the graph (the next step
             starts from the student's own detached state)."""
@@ -333,6 +343,12 @@ def tune(
             diff = (out - targets[:, k]).flatten(1)
             per_row = (diff.abs() if t.distance == "l1" else diff.pow(2)).sum(1)
             loss = per_row.mean()
+            if t.balance == "nfe":
+                # the global batch's mean (every rank divides by the same number), a running mean per NFE
+                seen = distributed.all_sum(torch.stack([per_row.detach().sum(), per_row.new_tensor(float(rows))]))
+                mean = float(seen[0] / seen[1])
+                scales[nfe] = mean if nfe not in scales else 0.9 * scales[nfe] + 0.1 * mean
+                loss = loss / max(scales[nfe], 1e-12)
             if size > 1:
                 # DDP averages the ranks' gradients equally; weighting this rank's mean by rows * size / global
                 # rows makes that average the gradient of the mean over the global batch (unequal shares too).
