@@ -31,6 +31,7 @@ from solverdistill.fid import digits_fd
 from solverdistill.generate import generate
 from solverdistill.pipeline import method_configs, open_workspace
 from solverdistill.recipes import load_recipe, read_value
+from solverdistill.teacher.run import teacher_grid
 
 VARIANTS = {
     "recipe": {},
@@ -96,15 +97,28 @@ def fd_of(solver):
     return digits_fd(generate(model, solver, fd_seeds, batch=256).x).distance
 
 
+def teacher_fd():
+    """The FD of the cache's own teacher (its solver and grid, no AFS) on the FD seeds: how low a student that
+    matches its teacher can go, and where the handcrafted FD curve flattens out."""
+    info = solvers.get(recipe.teacher.solver)
+    grid = teacher_grid(recipe, model)
+    plan = solvers.Plan(info, (len(grid) - 1) * info.calls_per_step, False, grid, {}, int(model.passes_per_call))
+    return fd_of(plan)
+
+
 saved = json.loads(Path(args.curve).read_text()) if args.curve and Path(args.curve).is_file() else {}
 if saved and (not args.fd or saved.get("fd_samples") == args.fd):
     curve, best_name = {int(k): v for k, v in saved["curve"].items()}, {int(k): v for k, v in saved["best"].items()}
     fd_curve = {int(k): v for k, v in saved.get("fd", {}).items()}
     fd_name = {int(k): v for k, v in saved.get("fd_best", {}).items()}
+    fd_teacher = saved.get("fd_teacher")
     med_curve = {int(k): v for k, v in saved.get("median", {}).items()}
     med_name = {int(k): v for k, v in saved.get("median_best", {}).items()}
 else:
     curve, best_name, fd_curve, fd_name, med_curve, med_name = {}, {}, {}, {}, {}, {}
+    fd_teacher = teacher_fd() if args.fd else None
+    if fd_teacher is not None:
+        print(f"teacher ({recipe.teacher.solver}, {recipe.teacher.steps} steps): FD {fd_teacher:.1f}", flush=True)
     wanted = (
         range(2, args.max_nfe + 1) if args.curve_nfes is None else [int(v) for v in args.curve_nfes.split(",") if v]
     )
@@ -131,7 +145,7 @@ else:
             print(f"handcrafted NFE {m}: best FD {fd_name[m]} {fd_curve[m]:.1f}", flush=True)
     if args.curve:
         saved = {"curve": curve, "best": best_name, "held": len(test_held), "fd": fd_curve, "fd_best": fd_name}
-        saved |= {"median": med_curve, "median_best": med_name}
+        saved |= {"median": med_curve, "median_best": med_name, "fd_teacher": fd_teacher}
         Path(args.curve).write_text(json.dumps(saved | {"fd_samples": args.fd}))
 
 seeds = [int(v) for v in args.seeds.split(",")]
@@ -167,6 +181,8 @@ for m in (args.nfe, 2 * args.nfe):
 if args.fd and args.nfe in fd_curve:
     head += f"; FD: {args.fd} samples from seed {args.fd_seed}, best handcrafted FD at NFE {args.nfe}: "
     head += f"{fd_curve[args.nfe]:.1f} ({fd_name[args.nfe]})"
+    if fd_teacher is not None:
+        head += f", the teacher's FD {fd_teacher:.1f}"
 scored = "test" if args.test_set else "held-out"
 cols = (
     f"| variant | {scored} RMSE per train seed | mean | ratio (mean) | initial RMSE | s per fit | validation RMSE "
