@@ -99,7 +99,8 @@ def fd_of(solver):
 
 def teacher_fd():
     """The FD of the cache's own teacher (its solver and grid, no AFS) on the FD seeds: how low a student that
-    matches its teacher can go, and where the handcrafted FD curve flattens out."""
+    matches its teacher can go, and where the handcrafted FD curve flattens out. Sampled with the workspace model
+    as it is (the teacher's `compute_dtype` / `precision` overrides, if the recipe sets any, are not applied)."""
     info = solvers.get(recipe.teacher.solver)
     grid = teacher_grid(recipe, model)
     plan = solvers.Plan(info, (len(grid) - 1) * info.calls_per_step, False, grid, {}, int(model.passes_per_call))

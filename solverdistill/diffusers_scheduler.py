@@ -119,8 +119,9 @@ class SolverDistillScheduler(SchedulerMixin, ConfigMixin):
         return self._step_index
 
     START_ONLY = (
-        "SolverDistillScheduler: the exported solver starts only at its first step (img2img: strength=1.0); each "
-        "step combines the network outputs of the steps before it, which a later start would not have"
+        "SolverDistillScheduler: the exported solver starts only at its first step (img2img: strength=1.0), and "
+        "add_noise works only there (pipelines that re-noise at later steps, such as inpainting, are not supported); "
+        "each step combines the network outputs of the steps before it, which a later start would not have"
     )
 
     def set_begin_index(self, begin_index: int = 0) -> None:

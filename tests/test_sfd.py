@@ -279,6 +279,13 @@ def test_balance_divides_each_nfes_distance_by_its_running_mean(toy, monkeypatch
         method.fit(cache, resolve("python:tinytoy:make"), s, t)
 
 
+def test_balance_keeps_one_running_mean_per_nfe():
+    b = sfd.NFEBalance()
+    assert b.update(2, 10.0) == 10.0 and b.update(3, 1.0) == 1.0  # each NFE starts from its own first value
+    assert b.update(2, 20.0) == pytest.approx(11.0) and b.update(3, 2.0) == pytest.approx(1.1)
+    assert b.update(2, 0.0) == pytest.approx(9.9) and b.means == pytest.approx({2: 9.9, 3: 1.1})
+
+
 def test_sfd_euler_is_the_handcrafted_euler_with_afs(fitted):
     """The untrained student samples exactly like `euler+afs` on the student grid with the original network."""
     art, model, _ = fitted

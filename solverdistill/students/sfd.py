@@ -240,6 +240,21 @@ def fit(
     return Artifact(meta, arrays)
 
 
+class NFEBalance:
+    """SFD-v's `train.balance: nfe`: a running mean of each NFE's per-step distance (decay 0.9; an NFE's first value
+    as it is), what that NFE's loss is divided by."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self.means: dict[int, float] = {}
+
+    def update(self, nfe: int, value: float) -> float:
+        """Fold one step's distance into its NFE's mean and return that mean."""
+        old = self.means.get(nfe)
+        self.means[nfe] = value if old is None else self.decay * old + (1 - self.decay) * value
+        return self.means[nfe]
+
+
 def step_condition_parameters(net: Any) -> list[torch.nn.Parameter]:
     """The parameters that carry the network's step condition (SFD-v): what its `step_condition_parameters()`
     returns, none without one."""
@@ -274,7 +289,7 @@ def tune(
             f"train.balance: {t.balance} weighs the NFEs of SFD-v against each other; expected student.variable: "
             f"true with two or more NFEs in student.nfe_set, got NFE {nfes}"
         )
-    scales: dict[int, float] = {}  # `balance: nfe`: each NFE's running mean distance per trained step
+    balance = NFEBalance()
     rest = [p for p in net.parameters() if all(p is not q for q in conditioned)]
     groups = [{"params": rest, "scale": 1.0}] + (
         [{"params": conditioned, "scale": t.step_lr_scale}] if conditioned else []
@@ -344,11 +359,10 @@ def tune(
             per_row = (diff.abs() if t.distance == "l1" else diff.pow(2)).sum(1)
             loss = per_row.mean()
             if t.balance == "nfe":
-                # the global batch's mean (every rank divides by the same number), a running mean per NFE
-                seen = distributed.all_sum(torch.stack([per_row.detach().sum(), per_row.new_tensor(float(rows))]))
-                mean = float(seen[0] / seen[1])
-                scales[nfe] = mean if nfe not in scales else 0.9 * scales[nfe] + 0.1 * mean
-                loss = loss / max(scales[nfe], 1e-12)
+                # the global batch's mean (every rank divides by the same number), in float64 against overflow
+                rowsum = per_row.detach().double().sum()
+                seen = distributed.all_sum(torch.stack([rowsum, torch.full_like(rowsum, float(rows))]))
+                loss = loss / max(balance.update(nfe, float(seen[0] / seen[1])), 1e-12)
             if size > 1:
                 # DDP averages the ranks' gradients equally; weighting this rank's mean by rows * size / global
                 # rows makes that average the gradient of the mean over the global batch (unequal shares too).
