@@ -252,6 +252,52 @@ def test_distance_is_the_summed_absolute_or_squared_error_per_step(toy):
         method.configs({"method": "sfd", "nfe": 2}, {"distance": "huber"})
 
 
+def test_endpoint_loss_is_one_step_back_through_the_whole_student_run(toy, monkeypatch):
+    """`train.loss: endpoint`: with plain gradient descent in place of Adam, one iteration moves the weights by
+    -lr x the gradient of the batch mean of the last state's summed squared error to the teacher's output, taken
+    through both network steps (not step by step), and reports that distance as its loss."""
+    monkeypatch.setattr(sfd.torch.optim, "Adam", lambda groups, lr, betas: torch.optim.SGD(groups, lr=lr))
+    method = students.get("sfd")
+    cache = TeacherCache.open(toy / "cache")
+    idx = np.sort(cache.split(0, 8)[0])
+    lr, moved = 1e-4, {}
+    for loss in ("steps", "endpoint"):
+        s, t = method.configs(
+            {"method": "sfd", "nfe": 2},
+            {
+                "iterations": 1,
+                "heldout": 8,
+                "batch": len(idx),
+                "lr": lr,
+                "lr_schedule": "cosine",
+                "distance": "l2",
+                "loss": loss,
+            },
+        )
+        model = resolve("python:tinytoy:make")
+        before = {k: v.clone() for k, v in model.net.state_dict().items()}
+        art = method.fit(cache, model, s, t)
+        moved[loss] = torch.cat([(torch.from_numpy(art.arrays[f"net.{n}"]) - before[n]).flatten() for n in before])
+        reported = art.meta["training"]["first_loss"]
+    model = resolve("python:tinytoy:make")
+    grid = student_grid(s, model, 2)
+    x, cond = cache.start(idx, model)
+    target = cache.states_at(idx, grid[-1:].numpy(), dtype=x.dtype, device=x.device)[:, 0]
+    euler = sfd.euler_plan(s, grid, 2)
+    out = euler.info.solve(model, x, euler.sigmas, cond=cond, afs=True)
+    distance = (out - target).flatten(1).pow(2).sum(1).mean()
+    distance.backward()
+    grads = {n: p.grad for n, p in model.net.named_parameters() if p.grad is not None}
+    state = model.net.state_dict()
+    want = torch.cat([-lr * grads.get(n, torch.zeros_like(v)).flatten() for n, v in state.items()])
+    assert reported == pytest.approx(float(distance.detach()), rel=1e-5)
+    big = want.abs() > 1e-6  # weights are float32: smaller moves are lost in their rounding
+    assert big.sum() > 100 and torch.allclose(moved["endpoint"][big], want[big], rtol=1e-2, atol=1e-7)
+    assert not torch.allclose(moved["steps"][big], want[big], rtol=1e-1)
+    with pytest.raises(BadInput, match="train.loss"):
+        method.configs({"method": "sfd", "nfe": 2}, {"loss": "final"})
+
+
 def test_balance_divides_each_nfes_distance_by_its_running_mean(toy, monkeypatch):
     """SFD-v `train.balance: nfe`: with plain gradient descent in place of Adam (a step is lr x gradient), the first
     update (train seed 1 draws NFE 1 first: one trained step) is the unbalanced one divided by that step's own

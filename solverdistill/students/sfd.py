@@ -76,6 +76,10 @@ class SFDTrain(TrainSection):
     # SFD-v: `nfe` divides each NFE's distance by a running mean of its own, so Adam's shared gradient scale is not
     # set by the few-step NFEs' larger errors alone (docs/students.md "SFD and SFD-v"); `none`: the paper's sum.
     balance: str = field(default="none", metadata={"choices": ("none", "nfe")})
+    # `steps`: the paper's loss, one distance and one Adam step after every student step; `endpoint`: one distance
+    # to the teacher's output after the last step, back through every student step, which is what the endpoint
+    # RMSE measures (docs/students.md "SFD and SFD-v"). Needs `train.teacher: online` or a cache; any NFE.
+    loss: str = field(default="steps", metadata={"choices": ("steps", "endpoint")})
 
 
 def student_grid(s: SFDStudent, model: Denoiser, nfe: int) -> torch.Tensor:
@@ -351,8 +355,11 @@ def tune(
             nfe: int = nfe,
         ) -> bool:
             """After student step k: the distance to the teacher, one Adam step; always cut the graph (the next step
-            starts from the student's own detached state)."""
+            starts from the student's own detached state). With `train.loss: endpoint` only the last step does
+            this, and the graph runs back through every step before it."""
             nonlocal total, cleaned
+            if t.loss == "endpoint" and k < targets.shape[1] - 1:
+                return False
             if s.afs and k == 0:  # no network in the AFS step: nothing to train
                 return True
             diff = (out - targets[:, k]).flatten(1)
