@@ -203,7 +203,7 @@ if __name__ == "__main__":
     rank = distributed.rank_size()[0]
     for job in sys.argv[2:]:  # RECIPE:METHOD
         recipe, method = job.rsplit(":", 1)
-        np.savez(Path(sys.argv[1]) / f"{method}-rank{rank}.npz", **fit(recipe, method))
+        np.savez(Path(sys.argv[1]) / f"{Path(recipe).stem}-{method}-rank{rank}.npz", **fit(recipe, method))
     distributed.finish()
 """
 
@@ -223,11 +223,18 @@ def test_dode_dlms_and_sfd_fit_the_same_on_two_ranks_as_one_process(tmp_path, re
         student={"nfe": 2},
         train={"iterations": 2, "batch": 7, "heldout": 8},  # unequal shares (3 and 4 rows): DDP's mean weighted
     )
+    endpoint = recipe_file(  # one backward through both network calls of each rank's DDP-wrapped network
+        tmp_path / "endpoint.yaml",
+        model="toy:unet-gmm",
+        teacher={"steps": 8, "num_samples": 24, "batch": 24, "cache": str(tmp_path / "n")},
+        student={"nfe": 2},
+        train={"iterations": 2, "batch": 7, "heldout": 8, "loss": "endpoint", "distance": "l2"},
+    )
     assert one_process("teacher", rec, "--quiet", cwd=tmp_path).returncode == 0
     assert one_process("teacher", net, "--quiet", cwd=tmp_path).returncode == 0
-    jobs = {"dode": rec, "dlms": rec, "sfd": net}
+    jobs = [("dode", rec), ("dlms", rec), ("sfd", net), ("sfd", endpoint)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1"]
-    cmd += ["--nproc_per_node=2", str(tmp_path / "fit.py"), str(tmp_path), *(f"{r}:{m}" for m, r in jobs.items())]
+    cmd += ["--nproc_per_node=2", str(tmp_path / "fit.py"), str(tmp_path), *(f"{r}:{m}" for m, r in jobs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -236,9 +243,9 @@ def test_dode_dlms_and_sfd_fit_the_same_on_two_ranks_as_one_process(tmp_path, re
         import fit as fit_module
     finally:
         sys.path.remove(str(tmp_path))
-    for method, recipe in jobs.items():
+    for method, recipe in jobs:
         one = fit_module.fit(recipe, method)  # this process: no group
-        ranks = [np.load(tmp_path / f"{method}-rank{r}.npz", allow_pickle=False) for r in (0, 1)]
+        ranks = [np.load(tmp_path / f"{Path(recipe).stem}-{method}-rank{r}.npz", allow_pickle=False) for r in (0, 1)]
         assert sorted(ranks[0].files) == sorted(one)
         for k in one:
             assert np.array_equal(ranks[0][k], ranks[1][k]), (method, k)  # both ranks hold the same student
