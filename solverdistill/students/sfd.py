@@ -4,7 +4,8 @@ The student is a copy of the denoiser's network sampled with euler + AFS on a po
 [0.006, 80] (clipped to the model's range). For every student step: one euler step from the student's own detached
 state, L1 (or, with `train.distance: l2`, squared) distance to the teacher state at the next sigma (summed over
 elements, averaged over the batch), NaN/inf gradients zeroed, one Adam step; then continue from the student's
-output. lr x0.1 at half of training; optional EMA.
+output. lr x0.1 at half of training; optional EMA. `train.loss: endpoint` instead takes one distance after the last
+step, back through the whole student run.
 SFD-v trains one network for several NFEs, telling it the number of steps through a step condition (only for
 networks that accept one). Teacher states come from the teacher cache (Hermite between its grid points), or, with
 `train.teacher: online` as the paper trains, from the frozen network solved by `train.teacher_solver` on the
@@ -78,7 +79,7 @@ class SFDTrain(TrainSection):
     balance: str = field(default="none", metadata={"choices": ("none", "nfe")})
     # `steps`: the paper's loss, one distance and one Adam step after every student step; `endpoint`: one distance
     # to the teacher's output after the last step, back through every student step, which is what the endpoint
-    # RMSE measures (docs/students.md "SFD and SFD-v"). Needs `train.teacher: online` or a cache; any NFE.
+    # RMSE measures (docs/students.md "SFD and SFD-v"; not in the paper). Either teacher mode, any NFE.
     loss: str = field(default="steps", metadata={"choices": ("steps", "endpoint")})
 
 
