@@ -11,7 +11,7 @@ Usage: python benchmarks/sfd_table.py RECIPE [OUT.md] [--nfes 1,2,3,4,5] [--curv
     [--iterations N] [--batch B] [--lr LR] [--lr-schedule step|cosine] [--refine M] [--teacher online|cache]
     [--distance l1|l2] [--loss steps|endpoint] [--ema DECAY]
     [--variable-iterations N] [--variable-nfes 2,3,4,5] [--step-lr-scale X] [--balance nfe] [--skip sfd,sfdv] [--solvers euler,ipndm,...]
-    [--handcrafted-from EARLIER.json] [--save DIR] [--cpu-per-iteration N]
+    [--handcrafted-from EARLIER.json] [--save DIR] [--score ART.npz,...] [--cpu-per-iteration N]
 """
 
 import argparse
@@ -49,6 +49,7 @@ ap.add_argument("--skip", default="", help="comma-separated: sfd, sfdv")
 ap.add_argument("--variable-nfes", default="2,3,4,5", help="the NFEs SFD-v trains and is measured at")
 ap.add_argument("--solvers", default="", help="handcrafted names the curve takes (with +afs variants); all if empty")
 ap.add_argument("--handcrafted-from", default="", help="an earlier OUT.json of the same recipe: reuse its curve")
+ap.add_argument("--score", default="", help="SFD artifacts (comma-separated) to measure on these seeds as they are")
 ap.add_argument("--save", default="", help="a folder for the fitted artifacts")
 ap.add_argument("--cpu-per-iteration", type=int, default=0, help="only time N iterations per NFE (CPU s each)")
 args = ap.parse_args()
@@ -157,6 +158,11 @@ if save:
     save.mkdir(parents=True, exist_ok=True)
 nfes = [int(v) for v in args.nfes.split(",")]
 results = raw.setdefault("students", {"SFD": {}, "SFD-v": {}})
+for path in filter(None, args.score.split(",")):  # students fitted earlier, e.g. scored on fresh seeds
+    art = artifacts.load(path)
+    m = measure(method.load(art, model))
+    results.setdefault("scored", {})[path] = {**m, "nfe": art.meta["nfe"]}
+    say(f"{path} (NFE {art.meta['nfe']}): {cell(m)}")
 if "sfd" not in skip:
     two = None
     for nfe in sorted(nfes, key=lambda n: (n == 1, n)):  # NFE 1 after NFE 2: it starts from that student
