@@ -10,7 +10,7 @@ as they are measured.
 Usage: python benchmarks/sfd_table.py RECIPE [OUT.md] [--nfes 1,2,3,4,5] [--curve 1,2,3,4,5,6,8]
     [--iterations N] [--batch B] [--lr LR] [--lr-schedule step|cosine] [--refine M] [--teacher online|cache]
     [--distance l1|l2] [--loss steps|endpoint] [--ema DECAY]
-    [--variable-iterations N] [--variable-nfes 2,3,4,5] [--step-lr-scale X] [--balance nfe] [--skip sfd,sfdv] [--solvers euler,ipndm,...]
+    [--variable-iterations N] [--variable-nfes 2,3,4,5] [--step-lr-scale X] [--balance nfe] [--adapters R] [--skip sfd,sfdv] [--solvers euler,ipndm,...]
     [--handcrafted-from EARLIER.json] [--save DIR] [--score ART.npz,...] [--cpu-per-iteration N]
 """
 
@@ -40,6 +40,7 @@ ap.add_argument("--lr", type=float, default=0.0)
 ap.add_argument("--lr-schedule", default="")
 ap.add_argument("--refine", type=int, default=-1)
 ap.add_argument("--step-lr-scale", type=float, default=0.0, help="SFD-v: train.step_lr_scale (0: the recipe's)")
+ap.add_argument("--adapters", type=int, default=0, help="SFD-v: student.adapters, per-NFE adapter rank (0: none)")
 ap.add_argument("--balance", default="", help="SFD-v: train.balance, none or nfe (empty: the recipe's)")
 ap.add_argument("--teacher", default="")
 ap.add_argument("--distance", default="", help="train.distance: l1 (the paper's) or l2; empty: the recipe's")
@@ -184,7 +185,9 @@ if "sfd" not in skip:
 if "sfdv" not in skip:
     v_nfes = [int(v) for v in args.variable_nfes.split(",")]
     s_cfg, t_cfg = method.configs(
-        vars(s0) | {"nfe": min(v_nfes), "variable": True, "nfe_set": ",".join(map(str, v_nfes))},
+        vars(s0)
+        | {"nfe": min(v_nfes), "variable": True, "nfe_set": ",".join(map(str, v_nfes))}
+        | ({"adapters": args.adapters} if args.adapters else {}),
         vars(t0)
         | {"iterations": args.variable_iterations or 2 * t0.iterations}
         | ({"step_lr_scale": args.step_lr_scale} if args.step_lr_scale else {})
@@ -199,7 +202,7 @@ if "sfdv" not in skip:
     for nfe in v_nfes:
         results["SFD-v"][nfe] = {**measure(solver.at_nfe(nfe)), "seconds": seconds, "cpu_seconds": cpu}
     say(
-        f"SFD-v NFEs {v_nfes}, {t_cfg.iterations} iterations, step_lr_scale {t_cfg.step_lr_scale}, balance {t_cfg.balance}: {seconds:.0f}s wall, {cpu:.0f}s CPU"
+        f"SFD-v NFEs {v_nfes}, {t_cfg.iterations} iterations, adapters {s_cfg.adapters}, step_lr_scale {t_cfg.step_lr_scale}, balance {t_cfg.balance}: {seconds:.0f}s wall, {cpu:.0f}s CPU"
     )
 say("")
 best = {n: c["rmse"] for n, c in curve.items()}

@@ -230,9 +230,16 @@ def test_dode_dlms_and_sfd_fit_the_same_on_two_ranks_as_one_process(tmp_path, re
         student={"nfe": 2},
         train={"iterations": 2, "batch": 7, "heldout": 8, "loss": "endpoint", "distance": "l2"},
     )
+    adapters = recipe_file(  # SFD-v with per-NFE adapters: each iteration leaves the other NFE's unused
+        tmp_path / "adapters.yaml",
+        model="toy:unet-gmm",
+        teacher={"steps": 8, "num_samples": 24, "batch": 24, "cache": str(tmp_path / "n")},
+        student={"nfe": 1, "variable": True, "nfe_set": "1,2", "adapters": 2},
+        train={"iterations": 3, "batch": 7, "heldout": 8, "step_lr_scale": 2},
+    )
     assert one_process("teacher", rec, "--quiet", cwd=tmp_path).returncode == 0
     assert one_process("teacher", net, "--quiet", cwd=tmp_path).returncode == 0
-    jobs = [("dode", rec), ("dlms", rec), ("sfd", net), ("sfd", endpoint)]
+    jobs = [("dode", rec), ("dlms", rec), ("sfd", net), ("sfd", endpoint), ("sfd", adapters)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1"]
     cmd += ["--nproc_per_node=2", str(tmp_path / "fit.py"), str(tmp_path), *(f"{r}:{m}" for m, r in jobs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
@@ -256,6 +263,8 @@ def test_dode_dlms_and_sfd_fit_the_same_on_two_ranks_as_one_process(tmp_path, re
             assert np.allclose(ranks[0][k], one[k], rtol=1e-4, atol=atol), (method, k)
         if method == "dode":
             assert np.abs(one["lambdas"]).max() > 0  # something was fitted
+        if recipe == adapters:
+            assert any(np.abs(v).max() > 0 for k, v in one.items() if k.startswith("net.step_adapters.up."))
 
 
 def test_fid_on_two_ranks_equals_one_process(tmp_path):

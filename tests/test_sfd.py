@@ -1,5 +1,6 @@
 """solverdistill.students.sfd: fine-tuning the network for few-step euler (SFD), and SFD-v's step condition."""
 
+import copy
 import textwrap
 
 import numpy as np
@@ -12,7 +13,7 @@ from solverdistill.generate import CountingDenoiser, generate, initial_noise
 from solverdistill.models import resolve
 from solverdistill.recipes import load_recipe
 from solverdistill.solvers import Solver, plan
-from solverdistill.students import sfd
+from solverdistill.students import sfd, step_adapters
 from solverdistill.students.sfd import student_grid
 from solverdistill.teacher import TeacherCache
 from solverdistill.teacher.run import run_teacher
@@ -504,3 +505,72 @@ def test_teacher_mode_online_in_the_recipe(tmp_path, recipe_file):
         method_configs(load_recipe(bad))
     with pytest.raises(BadInput, match="teacher.mode"):
         load_recipe(recipe_file(tmp_path / "c.yaml", teacher={**teacher, "mode": "live"}))
+
+
+def test_step_adapters_start_at_no_change_and_run_only_the_active_nfe(toy):
+    """`student.adapters`: per-NFE low-rank corrections hooked onto the network's convolutions; zero at the start,
+    only the selected NFE's pair runs, and a copy of the network (EMA, the loaded student) runs its own pair."""
+    model = resolve("python:tinytoy:make")
+    net = copy.deepcopy(model.net)
+    x, c = torch.randn(2, 3, 32, 32), torch.zeros(2)
+    with torch.no_grad():
+        plain = net(x, c)
+        adapters = step_adapters.attach(net, [3, 2], 4)
+        assert adapters.names == net.step_adapter_targets() and adapters.nfes == [2, 3]
+        for n in (None, 2, 3):
+            step_adapters.select(net, n)
+            assert torch.equal(net(x, c), plain)
+        for key, up in adapters.up.items():
+            if key.endswith("@3"):
+                up.weight.normal_()
+        step_adapters.select(net, 2)
+        assert torch.equal(net(x, c), plain)
+        step_adapters.select(net, 3)
+        moved = net(x, c)
+        assert not torch.allclose(moved, plain)
+        twin = copy.deepcopy(net)
+        for up in twin.step_adapters.up.values():
+            up.weight.zero_()
+        assert torch.equal(twin(x, c), plain) and torch.equal(net(x, c), moved)
+    added = set(net.state_dict()) - set(model.net.state_dict())
+    assert added and all(k.startswith("step_adapters.") for k in added)
+    with pytest.raises(BadInput, match=r"adapters for NFE \[2, 3\]; got NFE 5"):
+        step_adapters.select(net, 5)
+    with pytest.raises(BadInput, match="already carries"):
+        step_adapters.attach(net, [2], 4)
+    bare = resolve("python:tinytoy:plain").net  # no choice of its own: every ungrouped Conv2d
+    assert step_adapters.attach(copy.deepcopy(bare), [2], 1).names == ["conv"]
+
+
+def test_sfd_v_with_adapters_needs_no_step_condition_and_round_trips(toy, tmp_path):
+    method = students.get("sfd")
+    cache = TeacherCache.open(toy / "cache")
+    student = {"method": "sfd", "nfe": 2, "variable": True, "nfe_set": "2,3", "adapters": 2}
+    s, t = method.configs(student, {"iterations": 6, "heldout": 8, "batch": 4, "lr": 1e-3, "step_lr_scale": 5})
+    model = resolve("python:tinytoy:plain")  # no step condition of its own: the adapters carry it
+    art = method.fit(cache, model, s, t)
+    ups = [v for k, v in art.arrays.items() if k.startswith("net.step_adapters.up.")]
+    assert len(ups) == 2 and all(np.any(v) for v in ups)  # both NFEs drawn and trained
+    path = artifacts.save(art, tmp_path / "v.npz")
+    x = torch.randn(2, *model.shape) * 80.0
+    fitted, loaded = method.load(art, model), method.load(artifacts.load(path), model)
+    outs = {n: fitted.at_nfe(n).solve(model, x) for n in (2, 3)}
+    for n in (2, 3):
+        assert torch.equal(loaded.at_nfe(n).solve(model, x), outs[n])
+    with torch.no_grad():  # the same input and noise level, another NFE's correction
+        sigma, den, d = torch.full((2,), 1.0), loaded.den, []
+        for n in (2, 3):
+            sfd.set_step(den, n)
+            d.append(den(x / 80, sigma))
+        assert not torch.allclose(d[0], d[1])
+    with pytest.raises(BadInput, match=r"adapters for NFE \[2, 3\]; got NFE 4"):
+        loaded.at_nfe(4)
+    untrained = method.load(method.untrained(art), model).at_nfe(3)  # zero adapters: the model's own euler + AFS
+    with torch.no_grad():
+        own = sfd.euler_plan(s, untrained.plan.sigmas, 3).solve(model, x)
+    assert torch.allclose(untrained.solve(model, x), own, atol=1e-6)
+    with pytest.raises(BadInput, match="student.adapters: per-NFE adapters are for SFD-v"):
+        method.fit(cache, model, *method.configs({"method": "sfd", "adapters": 2}, {"iterations": 1, "heldout": 8}))
+    with pytest.raises(BadInput, match="student.init: its weights hold parameters this student lacks"):
+        s, t = method.configs({"method": "sfd", "nfe": 2, "init": str(path)}, {"iterations": 1, "heldout": 8})
+        method.fit(cache, model, s, t)

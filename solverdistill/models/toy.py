@@ -79,6 +79,10 @@ class ToyUNet(nn.Module):
         """What SFD-v's step condition adds to the noise embedding (zero at the start: no change)."""
         return self.step_embed.parameters()
 
+    def step_adapter_targets(self) -> list[str]:
+        """Where SFD-v's per-NFE adapters go (`student.adapters`): both convolutions of every residual block."""
+        return [f"{b}.{c}" for b in ("d1", "d2", "mid1", "mid2", "u2", "u1") for c in ("c1", "c2")]
+
     def forward(
         self,
         x: torch.Tensor,

@@ -7,7 +7,7 @@ elements, averaged over the batch), NaN/inf gradients zeroed, one Adam step; the
 output. lr x0.1 at half of training; optional EMA. `train.loss: endpoint` instead takes one distance after the last
 step, back through the whole student run.
 SFD-v trains one network for several NFEs, telling it the number of steps through a step condition (only for
-networks that accept one). Teacher states come from the teacher cache (Hermite between its grid points), or, with
+networks that accept one) and, with `student.adapters`, per-NFE low-rank adapters (students/step_adapters.py). Teacher states come from the teacher cache (Hermite between its grid points), or, with
 `train.teacher: online` as the paper trains, from the frozen network solved by `train.teacher_solver` on the
 student grid with `train.refine` points inside each interval, from fresh noise every iteration. NFE 1 is the
 paper's second stage: it starts from an NFE-2 student (`student.init`, or trained first).
@@ -34,7 +34,7 @@ from ..solvers import Plan
 from ..solvers import get as get_solver
 from ..solvers.base import Callback, Step
 from ..teacher.run import draw_cond
-from . import Method, TrainSection, ema_update, register, stored_settings
+from . import Method, TrainSection, ema_update, register, step_adapters, stored_settings
 
 if TYPE_CHECKING:
     from ..models.base import Denoiser
@@ -51,6 +51,9 @@ class SFDStudent:
     rho: float = field(default=7.0, metadata={"min": 0.0})
     variable: bool = False  # SFD-v: one network for every NFE in nfe_set
     nfe_set: str = "2,3,4,5"
+    # SFD-v: rank of per-NFE low-rank adapters on the network's convolutions (0: the step condition alone, the
+    # paper's). Not in the paper: the NFEs then stop pulling shared weights apart (docs/students.md "SFD and SFD-v").
+    adapters: int = field(default=0, metadata={"min": 0, "max": 4096})
     # An SFD artifact whose weights training starts from; "" = the model's own (NFE 1: an NFE-2 stage first).
     init: str = ""
 
@@ -146,10 +149,11 @@ def euler_plan(s: SFDStudent, grid: torch.Tensor, nfe: int, passes_per_call: int
 
 
 def set_step(den: Denoiser, steps: int | None) -> None:
-    """The step condition SFD-v feeds the network (on a wrapped user object too)."""
+    """The step condition SFD-v feeds the network (on a wrapped user object too), and its adapters' NFE."""
     for target in (den, getattr(den, "obj", None)):
         if target is not None:
             target.step_condition = steps
+    step_adapters.select(den.net, steps)
 
 
 class SFDSolver:
@@ -170,6 +174,8 @@ class SFDSolver:
         """SFD-v: the same network at another NFE (its own grid, told the number of steps)."""
         if not self.settings.variable:
             raise BadInput(f"an SFD student is tuned for NFE {self.nfe}; only SFD-v (student.variable) takes another")
+        if self.settings.adapters and nfe not in nfes_of(self.settings):
+            raise BadInput(f"this SFD-v student has adapters for NFE {nfes_of(self.settings)}; got NFE {nfe}")
         return SFDSolver(self.den, self.settings, student_grid(self.settings, self.den, nfe), nfe, nfe)
 
     def solve(
@@ -207,8 +213,13 @@ def fit(
     began = time.time()
     if model.net is None or not isinstance(model.net, torch.nn.Module):
         raise BadInput(f"student.method: sfd fine-tunes a network, and {model.spec} has none")
-    if s.variable and not getattr(model, "accepts_step_condition", False):
-        raise BadInput(f"student.variable: SFD-v needs a network that accepts a step condition; {model.spec} does not")
+    if s.adapters and not s.variable:
+        raise BadInput("student.adapters: per-NFE adapters are for SFD-v; expected student.variable: true")
+    if s.variable and not s.adapters and not getattr(model, "accepts_step_condition", False):
+        raise BadInput(
+            f"student.variable: SFD-v needs a network that accepts a step condition, or student.adapters > 0; "
+            f"{model.spec} does not"
+        )
     if t.teacher == "online":
         teacher_plan(t, model, student_grid(s, model, max(nfes_of(s))), s.rho)  # a bad solver name: before any work
     stages = []
@@ -262,9 +273,10 @@ class NFEBalance:
 
 def step_condition_parameters(net: Any) -> list[torch.nn.Parameter]:
     """The parameters that carry the network's step condition (SFD-v): what its `step_condition_parameters()`
-    returns, none without one."""
+    returns (none without one), and its per-NFE adapters (`student.adapters`)."""
     found = getattr(net, "step_condition_parameters", None)
-    return list(found()) if callable(found) else []
+    adapters = getattr(net, step_adapters.NAME, None)
+    return (list(found()) if callable(found) else []) + (list(adapters.parameters()) if adapters is not None else [])
 
 
 def tune(
@@ -279,8 +291,17 @@ def tune(
     began = time.time()
     nfes = nfes_of(s)
     student = copy.deepcopy(model)
+    if s.adapters:
+        torch.manual_seed(t.seed)  # the adapters' random A_n: the same on every rank and in every rerun
+        step_adapters.attach(student.net, nfes, s.adapters)
     if weights is not None:
-        student.net.load_state_dict(weights)
+        own = student.net.state_dict()
+        if set(weights) - set(own):
+            raise BadInput(
+                f"student.init: its weights hold parameters this student lacks (adapters of another "
+                f"student.adapters or nfe_set?): {sorted(set(weights) - set(own))[:3]}"
+            )
+        student.net.load_state_dict({**own, **weights})  # adapters the init lacks start at their zero effect
     net = student.net.train().requires_grad_(True)
     ema = copy.deepcopy(net).requires_grad_(False) if t.ema else None
     conditioned = step_condition_parameters(net) if s.variable else []
@@ -413,6 +434,11 @@ def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
     if model is None or model.net is None:
         raise BadInput(f"{where}: an SFD artifact needs its model ({artifact.meta.get('model')})")
     state = model.net.state_dict()
+    if s.adapters:
+        if not s.variable:
+            raise BadInput(f"{where}: meta.student.adapters ({s.adapters}) needs meta.student.variable: true")
+        extra = step_adapters.StepAdapters(model.net, nfes_of(s), s.adapters).state_dict()
+        state = {**state, **{f"{step_adapters.NAME}.{k}": v for k, v in extra.items()}}
     names = {k[4:] for k in artifact.arrays if k.startswith("net.")}
     if names and names != set(state):  # none: the untrained student, the model's own weights
         raise BadInput(
@@ -435,6 +461,8 @@ def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
             raise BadInput(f"{where}: array 'grid' must hold {steps + 1} decreasing positive sigmas (NFE {s.nfe})")
         grid = torch.tensor(stored)
     den = copy.deepcopy(model)
+    if s.adapters:
+        step_adapters.attach(den.net, nfes_of(s), s.adapters)
     if weights:
         own = den.net.state_dict()
         den.net.load_state_dict({k: torch.from_numpy(v).to(own[k].dtype) for k, v in weights.items()})

@@ -1,0 +1,85 @@
+"""Per-NFE low-rank adapters: SFD-v's step condition carried by weights (docs/students.md "SFD and SFD-v")."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BadInput
+
+NAME = "step_adapters"  # the submodule's name in the network, so its weights are saved as net.step_adapters.*
+
+
+def targets(net: nn.Module) -> list[str]:
+    """The convolutions that get adapters: the network's own choice (`step_adapter_targets()`, names of Conv2d
+    modules), else every ungrouped 2-D convolution."""
+    chosen = getattr(net, "step_adapter_targets", None)
+    names = list(chosen()) if callable(chosen) else None
+    if names is None:
+        names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    for n in names:
+        m = net.get_submodule(n)
+        if not isinstance(m, nn.Conv2d) or m.groups != 1:
+            raise BadInput(f"student.adapters: {n} is not an ungrouped Conv2d of the network")
+    if not names:
+        raise BadInput("student.adapters: the network has no 2-D convolution to adapt")
+    return names
+
+
+class StepAdapters(nn.Module):
+    """At NFE n each adapted convolution `conv(x)` becomes `conv(x) + B_n(A_n(x))`: A_n a convolution of the same
+    kernel, stride and padding down to `rank` channels, B_n a 1x1 convolution back, zero at the start so that the
+    untrained student is the original network. Only the active NFE's pair runs (`active`; None: none)."""
+
+    def __init__(self, net: nn.Module, nfes: Iterable[int], rank: int) -> None:
+        super().__init__()
+        self.nfes, self.rank, self.active = sorted(set(nfes)), rank, None
+        self.names = targets(net)
+        self.down, self.up = nn.ModuleDict(), nn.ModuleDict()
+        for name in self.names:
+            conv = net.get_submodule(name)
+            for n in self.nfes:
+                down = nn.Conv2d(
+                    conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False
+                )
+                up = nn.Conv2d(rank, conv.out_channels, 1, bias=False)
+                nn.init.zeros_(up.weight)
+                w = conv.weight
+                self.down[self.key(name, n)] = down.to(w.device, w.dtype)
+                self.up[self.key(name, n)] = up.to(w.device, w.dtype)
+
+    @staticmethod
+    def key(name: str, nfe: int) -> str:
+        return f"{name.replace('.', '__')}@{nfe}"  # ModuleDict keys may not hold dots
+
+    def correct(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The forward hook on convolution `name`: its output plus the active NFE's low-rank term."""
+        if self.active is None:
+            return output
+        k = self.key(name, int(self.active))
+        return output + self.up[k](self.down[k](inputs[0]))
+
+
+def attach(net: nn.Module, nfes: Iterable[int], rank: int) -> StepAdapters:
+    """Add adapters to `net` (a submodule, so optimisers, DDP, EMA copies and state_dict see them) and hook them on.
+    The hooks are partials of the adapters' bound method, so a deepcopy of `net` hooks onto its own copy."""
+    if hasattr(net, NAME):
+        raise BadInput("student.adapters: the network already carries step adapters")
+    adapters = StepAdapters(net, nfes, rank)
+    for name in adapters.names:
+        net.get_submodule(name).register_forward_hook(functools.partial(adapters.correct, name))
+    net.add_module(NAME, adapters)
+    return adapters
+
+
+def select(net: Any, nfe: int | None) -> None:
+    """Make `nfe`'s adapters the active ones (None: none); a network without adapters is left as it is."""
+    adapters = getattr(net, NAME, None)
+    if isinstance(adapters, StepAdapters):
+        if nfe is not None and nfe not in adapters.nfes:
+            raise BadInput(f"this SFD-v student has adapters for NFE {adapters.nfes}; got NFE {nfe}")
+        adapters.active = nfe
