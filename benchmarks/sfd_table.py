@@ -9,7 +9,7 @@ as they are measured.
 
 Usage: python benchmarks/sfd_table.py RECIPE [OUT.md] [--nfes 1,2,3,4,5] [--curve 1,2,3,4,5,6,8]
     [--iterations N] [--batch B] [--lr LR] [--lr-schedule step|cosine] [--refine M] [--teacher online|cache]
-    [--distance l1|l2] [--loss steps|endpoint] [--ema DECAY]
+    [--distance l1|l2] [--loss steps|endpoint] [--ema DECAY] [--seed S]
     [--variable-iterations N] [--variable-nfes 2,3,4,5] [--step-lr-scale X] [--balance nfe] [--adapters R] [--skip sfd,sfdv] [--solvers euler,ipndm,...]
     [--handcrafted-from EARLIER.json] [--save DIR] [--score ART.npz,...] [--cpu-per-iteration N]
 """
@@ -46,6 +46,7 @@ ap.add_argument("--teacher", default="")
 ap.add_argument("--distance", default="", help="train.distance: l1 (the paper's) or l2; empty: the recipe's")
 ap.add_argument("--loss", default="", help="train.loss: steps (the paper's) or endpoint; empty: the recipe's")
 ap.add_argument("--ema", type=float, default=0.0, help="train.ema (0: the recipe's)")
+ap.add_argument("--seed", type=int, default=0, help="train.seed: batch, NFE and adapter draws (0: the recipe's)")
 ap.add_argument("--skip", default="", help="comma-separated: sfd, sfdv")
 ap.add_argument("--variable-nfes", default="2,3,4,5", help="the NFEs SFD-v trains and is measured at")
 ap.add_argument("--solvers", default="", help="handcrafted names the curve takes (with +afs variants); all if empty")
@@ -80,6 +81,7 @@ for key, value in (
     ("distance", args.distance),
     ("loss", args.loss),
     ("ema", args.ema),
+    ("seed", args.seed),
 ):
     if value:
         setattr(t0, key, value)
