@@ -151,7 +151,7 @@ def test_engine_entry_points(tmp_path, inception):
     direct = run_fid(str(tmp_path / "a"), str(tmp_path / "b"), "inception", "clean", 4, "cpu", str(inception))
     # Folder or its statistics: the same. 6-7 images in 12 dimensions give singular covariances, so the batch
     # sizes' summation orders (3 for the file, 4 here) move tr sqrt(S1 S2) by ~1e-9 relative, more or less with
-    # the LAPACK build: equal to float round-off of a singular eigenproblem, not to 1e-10.
+    # the LAPACK build (round-off in a singular eigenproblem).
     assert direct.distance == pytest.approx(res.distance, rel=1e-6)
     mu, sigma, where = reference_stats("gmm:ring2d", "pixels", "clean", 4, "cpu", None)
     assert mu.shape == (2,) and sigma.shape == (2, 2) and "exact mixture moments" in where
