@@ -7,9 +7,10 @@ elements, averaged over the batch), NaN/inf gradients zeroed, one Adam step; the
 output. lr x0.1 at half of training; optional EMA. `train.loss: endpoint` instead takes one distance after the last
 step, back through the whole student run.
 SFD-v trains one network for several NFEs, telling it the number of steps through a step condition (only for
-networks that accept one) and, with `student.adapters`, per-NFE low-rank adapters (students/step_adapters.py). Teacher states come from the teacher cache (Hermite between its grid points), or, with
-`train.teacher: online` as the paper trains, from the frozen network solved by `train.teacher_solver` on the
-student grid with `train.refine` points inside each interval, from fresh noise every iteration. NFE 1 is the
+networks that accept one) and, with `student.adapters`, per-NFE low-rank adapters (students/step_adapters.py).
+Teacher states come from the teacher cache (Hermite between its grid points), or, with `train.teacher: online` as
+the paper trains, from the frozen network solved by `train.teacher_solver` on the student grid with `train.refine`
+points inside each interval, from fresh noise every iteration. NFE 1 is the
 paper's second stage: it starts from an NFE-2 student (`student.init`, or trained first).
 Training and sampling both run euler through the stepping core (solvers/multistep.py); training takes its
 optimiser step in the core's per-step hook and cuts the graph after every step; the online teacher is a Plan.
@@ -437,7 +438,8 @@ def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
     if s.adapters:
         if not s.variable:
             raise BadInput(f"{where}: meta.student.adapters ({s.adapters}) needs meta.student.variable: true")
-        extra = step_adapters.StepAdapters(model.net, nfes_of(s), s.adapters).state_dict()
+        with torch.random.fork_rng(devices=[]):  # the adapters' random start must not move the caller's generator
+            extra = step_adapters.StepAdapters(model.net, nfes_of(s), s.adapters).state_dict()
         state = {**state, **{f"{step_adapters.NAME}.{k}": v for k, v in extra.items()}}
     names = {k[4:] for k in artifact.arrays if k.startswith("net.")}
     if names and names != set(state):  # none: the untrained student, the model's own weights
@@ -462,7 +464,8 @@ def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
         grid = torch.tensor(stored)
     den = copy.deepcopy(model)
     if s.adapters:
-        step_adapters.attach(den.net, nfes_of(s), s.adapters)
+        with torch.random.fork_rng(devices=[]):
+            step_adapters.attach(den.net, nfes_of(s), s.adapters)
     if weights:
         own = den.net.state_dict()
         den.net.load_state_dict({k: torch.from_numpy(v).to(own[k].dtype) for k, v in weights.items()})

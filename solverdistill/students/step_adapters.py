@@ -32,7 +32,7 @@ def targets(net: nn.Module) -> list[str]:
 
 class StepAdapters(nn.Module):
     """At NFE n each adapted convolution `conv(x)` becomes `conv(x) + B_n(A_n(x))`: A_n a convolution of the same
-    kernel, stride and padding down to `rank` channels, B_n a 1x1 convolution back, zero at the start so that the
+    kernel, stride and padding (mode too) down to `rank` channels, B_n a 1x1 convolution back, zero at the start so that the
     untrained student is the original network. Only the active NFE's pair runs (`active`; None: none)."""
 
     def __init__(self, net: nn.Module, nfes: Iterable[int], rank: int) -> None:
@@ -44,7 +44,14 @@ class StepAdapters(nn.Module):
             conv = net.get_submodule(name)
             for n in self.nfes:
                 down = nn.Conv2d(
-                    conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False
+                    conv.in_channels,
+                    rank,
+                    conv.kernel_size,
+                    conv.stride,
+                    conv.padding,
+                    conv.dilation,
+                    bias=False,
+                    padding_mode=conv.padding_mode,
                 )
                 up = nn.Conv2d(rank, conv.out_channels, 1, bias=False)
                 nn.init.zeros_(up.weight)
