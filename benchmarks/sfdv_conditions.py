@@ -71,6 +71,8 @@ def forward(self: toy.ToyUNet, x, c_noise, step=None, label=None):
 
 
 class StepBefore(nn.Module):
+    """The step embedding added between the noise MLP's first layer and its nonlinearity (`--condition mlp`)."""
+
     def __init__(self, embed: nn.Embedding, step: torch.Tensor) -> None:
         super().__init__()
         self.embed, self.step = embed, step

@@ -175,8 +175,7 @@ class SFDSolver:
         """SFD-v: the same network at another NFE (its own grid, told the number of steps)."""
         if not self.settings.variable:
             raise BadInput(f"an SFD student is tuned for NFE {self.nfe}; only SFD-v (student.variable) takes another")
-        if self.settings.adapters and nfe not in nfes_of(self.settings):
-            raise BadInput(f"this SFD-v student has adapters for NFE {nfes_of(self.settings)}; got NFE {nfe}")
+        step_adapters.check(self.den.net, nfe)  # with adapters: only the NFEs that have a pair
         return SFDSolver(self.den, self.settings, student_grid(self.settings, self.den, nfe), nfe, nfe)
 
     def solve(
@@ -426,21 +425,21 @@ def tune(
 
 
 def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
-    """The fine-tuned network (a copy of the model's with the stored weights) and its grid, every stored value
-    checked against the settings and the model before the copy is made."""
+    """The fine-tuned network (a copy of the model's, with its adapters if any, and the stored weights) and its grid,
+    every stored value checked against the settings and that copy before any is loaded."""
     s = stored_settings(artifact, SFDStudent)
     where = artifact.path
     if s.nfe != int(artifact.meta["nfe"]):
         raise BadInput(f"{where}: meta.student.nfe ({s.nfe}) differs from meta.nfe ({artifact.meta['nfe']})")
     if model is None or model.net is None:
         raise BadInput(f"{where}: an SFD artifact needs its model ({artifact.meta.get('model')})")
-    state = model.net.state_dict()
+    den = copy.deepcopy(model)
     if s.adapters:
         if not s.variable:
             raise BadInput(f"{where}: meta.student.adapters ({s.adapters}) needs meta.student.variable: true")
         with torch.random.fork_rng(devices=[]):  # the adapters' random start must not move the caller's generator
-            extra = step_adapters.StepAdapters(model.net, nfes_of(s), s.adapters).state_dict()
-        state = {**state, **{f"{step_adapters.NAME}.{k}": v for k, v in extra.items()}}
+            step_adapters.attach(den.net, nfes_of(s), s.adapters)
+    state = den.net.state_dict()
     names = {k[4:] for k in artifact.arrays if k.startswith("net.")}
     if names and names != set(state):  # none: the untrained student, the model's own weights
         raise BadInput(
@@ -462,13 +461,8 @@ def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
         if len(stored) != steps + 1 or np.any(np.diff(stored) >= 0) or stored[-1] <= 0:
             raise BadInput(f"{where}: array 'grid' must hold {steps + 1} decreasing positive sigmas (NFE {s.nfe})")
         grid = torch.tensor(stored)
-    den = copy.deepcopy(model)
-    if s.adapters:
-        with torch.random.fork_rng(devices=[]):
-            step_adapters.attach(den.net, nfes_of(s), s.adapters)
     if weights:
-        own = den.net.state_dict()
-        den.net.load_state_dict({k: torch.from_numpy(v).to(own[k].dtype) for k, v in weights.items()})
+        den.net.load_state_dict({k: torch.from_numpy(v).to(state[k].dtype) for k, v in weights.items()})
     den.net.eval().requires_grad_(False)
     return SFDSolver(den, s, grid, s.nfe, s.nfe if s.variable else None)
 

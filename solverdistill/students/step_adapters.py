@@ -37,7 +37,7 @@ class StepAdapters(nn.Module):
 
     def __init__(self, net: nn.Module, nfes: Iterable[int], rank: int) -> None:
         super().__init__()
-        self.nfes, self.rank, self.active = sorted(set(nfes)), rank, None
+        self.nfes, self.active = sorted(set(nfes)), None
         self.names = targets(net)
         self.down, self.up = nn.ModuleDict(), nn.ModuleDict()
         for name in self.names:
@@ -83,10 +83,18 @@ def attach(net: nn.Module, nfes: Iterable[int], rank: int) -> StepAdapters:
     return adapters
 
 
+def check(net: Any, nfe: int | None) -> StepAdapters | None:
+    """The network's adapters (None without), refusing an NFE they have no pair for."""
+    adapters = getattr(net, NAME, None)
+    if not isinstance(adapters, StepAdapters):
+        return None
+    if nfe is not None and nfe not in adapters.nfes:
+        raise BadInput(f"this SFD-v student has adapters for NFE {adapters.nfes}; got NFE {nfe}")
+    return adapters
+
+
 def select(net: Any, nfe: int | None) -> None:
     """Make `nfe`'s adapters the active ones (None: none); a network without adapters is left as it is."""
-    adapters = getattr(net, NAME, None)
-    if isinstance(adapters, StepAdapters):
-        if nfe is not None and nfe not in adapters.nfes:
-            raise BadInput(f"this SFD-v student has adapters for NFE {adapters.nfes}; got NFE {nfe}")
+    adapters = check(net, nfe)
+    if adapters is not None:
         adapters.active = nfe
