@@ -271,6 +271,25 @@ def test_digit_model_names_the_demo_recipe_for_compare():
     assert default_metrics(m) == ["rmse", "digits"] and default_metrics(resolve("gmm:tiny")) == ["rmse"]
 
 
+def test_a_link_checked_out_as_text_is_followed(tmp_path):
+    """Where git checks symlinks out as one-line files, the package-data link to the demo recipe holds only the
+    target's path: `followed` reads through it; a real recipe, a missing target or a longer file is left alone."""
+    from solverdistill.models.toy import followed
+
+    (tmp_path / "recipes").mkdir()
+    real = tmp_path / "recipes" / "demo.yaml"
+    real.write_text("name: demo\nmodel: {spec: gmm:tiny}\n")
+    (tmp_path / "pkg" / "data").mkdir(parents=True)
+    stub = tmp_path / "pkg" / "data" / "demo.yaml"
+    stub.write_text("../../recipes/demo.yaml")
+    assert followed(stub) == real.resolve() and followed(real) == real
+    stub.write_text("../../recipes/missing.yaml")
+    assert followed(stub) == stub
+    stub.write_text("name: x\n")
+    assert followed(stub) == stub
+    assert followed(tmp_path / "absent.yaml") == tmp_path / "absent.yaml"
+
+
 def test_the_demo_recipe_ships_in_the_wheel(tmp_path):
     """The recipe the digit model names is package data (a link to recipes/digits_demo.yaml in the checkout), so an
     installed wheel's `compare --model toy:unet-digits` finds it too: build a wheel from a copy of the package and

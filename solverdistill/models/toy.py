@@ -32,6 +32,22 @@ DIGITS_NET = {"channels": (32, 64, 128), "img_channels": 1, "num_classes": 10, "
 DIGITS_RECIPE = WEIGHTS.with_name("digits_demo.yaml")
 
 
+def followed(path: Path) -> Path:
+    """`path`, or the file it names when it is a symbolic link checked out as text: git writes a link's target as a
+    one-line file where symlinks are off (core.symlinks=false, e.g. Windows), so the package-data link above would
+    read as a recipe holding only a path."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1024:
+            return path
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return path
+    if "\n" in text or ":" in text or not text.endswith((".yaml", ".yml")):
+        return path
+    target = (path.parent / text).resolve()
+    return target if target.is_file() else path
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, emb: int) -> None:
         super().__init__()
@@ -244,7 +260,7 @@ def load(body: str, spec: str) -> ToyDenoiser:
         fp += f"?guidance={guidance}&class={fixed}"
     den = ToyDenoiser(net.eval(), spec, fp, (1, 16, 16), guidance, fixed)
     if guidance is None and fixed is None and DIGITS_RECIPE.is_file():
-        den.default_recipe = DIGITS_RECIPE  # its teacher is the unconditional model's
+        den.default_recipe = followed(DIGITS_RECIPE)  # its teacher is the unconditional model's
     return den
 
 
