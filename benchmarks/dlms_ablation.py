@@ -99,12 +99,17 @@ def fd_of(solver):
 
 def teacher_fd():
     """The FD of the cache's own teacher (its solver and grid, no AFS) on the FD seeds: how low a student that
-    matches its teacher can go, and where the handcrafted FD curve flattens out. Sampled with the workspace model
-    as it is (the teacher's `compute_dtype` / `precision` overrides, if the recipe sets any, are not applied)."""
+    matches its teacher can go, and where the handcrafted FD curve flattens out. The workspace model is already in
+    the teacher's `compute_dtype`; its network runs in the teacher's `precision` here, as it did for the cache."""
     info = solvers.get(recipe.teacher.solver)
     grid = teacher_grid(recipe, model)
     plan = solvers.Plan(info, (len(grid) - 1) * info.calls_per_step, False, grid, {}, int(model.passes_per_call))
-    return fd_of(plan)
+    previous = model.precision
+    try:
+        model.set_precision(recipe.teacher.precision)
+        return fd_of(plan)
+    finally:
+        model.set_precision(previous)
 
 
 saved = json.loads(Path(args.curve).read_text()) if args.curve and Path(args.curve).is_file() else {}
