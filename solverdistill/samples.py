@@ -44,8 +44,6 @@ def load_solver(
         art = artifacts.load(solver)
         if schedule is not None:
             raise BadInput(f"--schedule: {solver} brings its own grid; drop --schedule")
-        if nfe is not None and nfe != int(art.meta["nfe"]):
-            raise BadInput(f"--nfe: {solver} was distilled for NFE {art.meta['nfe']}, not {nfe}; drop --nfe")
         if art.method not in students.names():  # before the model is loaded: the method decides the rest
             raise BadInput(
                 f"{solver}: meta.method: unknown method {art.method!r}; installed methods are "
@@ -56,8 +54,17 @@ def load_solver(
         else:
             den = model_of(solver, art, device, dtype)
         artifacts.check_model(art, den.fingerprint, force)
-        method = students.get(art.method)
-        return den, method.load(art, den), {"artifact": str(solver), "method": art.method}
+        loaded = students.get(art.method).load(art, den)
+        if nfe is not None and nfe != int(art.meta["nfe"]):
+            # A student that serves several NFEs (SFD-v) says so with `at_nfe`; any other is tied to its own.
+            other = getattr(loaded, "at_nfe", None)
+            if other is None:
+                raise BadInput(f"--nfe: {solver} was distilled for NFE {art.meta['nfe']}, not {nfe}; drop --nfe")
+            try:
+                loaded = other(nfe)
+            except BadInput as e:
+                raise BadInput(f"--nfe: {solver} was distilled for NFE {art.meta['nfe']}, not {nfe}: {e}") from None
+        return den, loaded, {"artifact": str(solver), "method": art.method}
     if model_spec is None:
         raise BadInput("--model: required (e.g. --model gmm:cifar); see `sdistill models`")
     den = resolve(model_spec, device=device, dtype=dtype)

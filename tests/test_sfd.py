@@ -565,6 +565,13 @@ def test_sfd_v_with_adapters_needs_no_step_condition_and_round_trips(toy, tmp_pa
         assert not torch.allclose(d[0], d[1])
     with pytest.raises(BadInput, match=r"adapters for NFE \[2, 3\]; got NFE 4"):
         loaded.at_nfe(4)
+    # `sdistill sample --solver v.npz --nfe 3`: the CLI's loader serves the artifact's other NFEs the same way
+    from solverdistill.samples import load_solver
+
+    _, at3, _ = load_solver(str(path), "python:tinytoy:plain", 3, None, False, True, "cpu", torch.float32, False)
+    assert at3.nfe == 3 and torch.equal(at3.solve(model, x), outs[3])
+    with pytest.raises(BadInput, match=r"--nfe: .*distilled for NFE 2, not 4: .*adapters for NFE \[2, 3\]"):
+        load_solver(str(path), "python:tinytoy:plain", 4, None, False, True, "cpu", torch.float32, False)
     untrained = method.load(method.untrained(art), model).at_nfe(3)  # zero adapters: the model's own euler + AFS
     with torch.no_grad():
         own = sfd.euler_plan(s, untrained.plan.sigmas, 3).solve(model, x)

@@ -16,7 +16,9 @@ def command(
         "dpm++", "--solver", help="Handcrafted solver name (see `sdistill solvers`) or a solver artifact (.npz/.yaml)."
     ),
     nfe: Optional[int] = typer.Option(
-        None, "--nfe", help="Denoiser calls per sample (default 10; an artifact brings its own)."
+        None,
+        "--nfe",
+        help="Denoiser calls per sample (default 10; an artifact brings its own, an SFD-v one takes any of its NFEs).",
     ),
     schedule: Optional[str] = typer.Option(
         None,
