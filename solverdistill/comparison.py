@@ -196,12 +196,15 @@ class Resolver:
             if name not in self._given:
                 self._given[name] = artifacts.load(name, fingerprint=self.model.fingerprint, hint=FINGERPRINT_HINT)
             art = self._given[name]
-            if int(art.meta["nfe"]) != nfe:
+            if nfe not in students.get(art.method).serves(art):  # SFD-v serves several NFEs
                 return None
             return Cell(name, nfe, "student", path=Path(name), method=art.method)
         if base in students.names():
-            for path, art in self.found().items():
-                if art.method == base and int(art.meta["nfe"]) == nfe:
+            method = students.get(base)
+            found = [(path, art) for path, art in self.found().items() if art.method == base]
+            # one distilled for this NFE first, else one that also serves it (SFD-v)
+            for path, art in sorted(found, key=lambda pa: int(pa[1].meta["nfe"]) != nfe):
+                if nfe in method.serves(art):
                     return Cell(name, nfe, "student", path=path, method=base)
             out = self.folders[0] / f"{self.recipe.name}_{base}_nfe{nfe}.npz" if self.recipe else None
             return Cell(name, nfe, "student", path=out, distill=True, method=base)
@@ -270,7 +273,7 @@ class Resolver:
         if cell.solver is not None:
             return cell.solver
         art = artifacts.load(cell.path, fingerprint=self.model.fingerprint, hint=FINGERPRINT_HINT)
-        return students.get(art.method).load(art, self.model)
+        return students.get(art.method).solver_at(art, self.model, cell.nfe)
 
     def __call__(self, name: str, nfe: int) -> Optional[Solver]:
         """Plan, check and load one cell (distilling it first where the plan says so)."""

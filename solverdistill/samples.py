@@ -49,22 +49,15 @@ def load_solver(
                 f"{solver}: meta.method: unknown method {art.method!r}; installed methods are "
                 f"{', '.join(students.names())} (a plugin's method needs its package installed)"
             )
+        method = students.get(art.method)
+        nfe = int(art.meta["nfe"]) if nfe is None else nfe
+        method.check_nfe(art, nfe)  # SFD-v serves several NFEs, every other student its own
         if model_spec:
             den = resolve(model_spec, device=device, dtype=dtype)
         else:
             den = model_of(solver, art, device, dtype)
         artifacts.check_model(art, den.fingerprint, force)
-        loaded = students.get(art.method).load(art, den)
-        if nfe is not None and nfe != int(art.meta["nfe"]):
-            # A student that serves several NFEs (SFD-v) says so with `at_nfe`; any other is tied to its own.
-            other = getattr(loaded, "at_nfe", None)
-            if other is None:
-                raise BadInput(f"--nfe: {solver} was distilled for NFE {art.meta['nfe']}, not {nfe}; drop --nfe")
-            try:
-                loaded = other(nfe)
-            except BadInput as e:
-                raise BadInput(f"--nfe: {solver} was distilled for NFE {art.meta['nfe']}, not {nfe}: {e}") from None
-        return den, loaded, {"artifact": str(solver), "method": art.method}
+        return den, method.solver_at(art, den, nfe), {"artifact": str(solver), "method": art.method}
     if model_spec is None:
         raise BadInput("--model: required (e.g. --model gmm:cifar); see `sdistill models`")
     den = resolve(model_spec, device=device, dtype=dtype)

@@ -570,8 +570,14 @@ def test_sfd_v_with_adapters_needs_no_step_condition_and_round_trips(toy, tmp_pa
 
     _, at3, _ = load_solver(str(path), "python:tinytoy:plain", 3, None, False, True, "cpu", torch.float32, False)
     assert at3.nfe == 3 and torch.equal(at3.solve(model, x), outs[3])
-    with pytest.raises(BadInput, match=r"--nfe: .*distilled for NFE 2, not 4: .*adapters for NFE \[2, 3\]"):
+    with pytest.raises(BadInput, match=r"--nfe: .*distilled for NFE 2, 3, not 4; drop --nfe"):
         load_solver(str(path), "python:tinytoy:plain", 4, None, False, True, "cpu", torch.float32, False)
+    # `compare`: the artifact fills its cells at NFE 2 and 3 (named by path, or found by method in a folder)
+    from solverdistill.comparison import Resolver
+
+    resolver = Resolver(model, None, [tmp_path], lambda m: None, None)
+    assert resolver(str(path), 4) is None and resolver("sfd", 3).nfe == 3
+    assert torch.equal(resolver(str(path), 3).solve(model, x), outs[3])
     untrained = method.load(method.untrained(art), model).at_nfe(3)  # zero adapters: the model's own euler + AFS
     with torch.no_grad():
         own = sfd.euler_plan(s, untrained.plan.sigmas, 3).solve(model, x)

@@ -50,7 +50,9 @@ class Method:
     """A student method. `student_section` is the dataclass of the recipe's `student` keys (with `method` and
     `nfe`), `train_section` that of its `train` keys (a `TrainSection`); `work(student, train)` is the number
     of progress ticks `fit` makes; `untrained(artifact)` is the same artifact before training (its base solver
-    or initial rule), the yardstick `distill` reports beside the student."""
+    or initial rule), the yardstick `distill` reports beside the student; `serves(artifact)` the NFEs one
+    artifact samples at: its own (meta.nfe) by default, which `load` gives, and for a student that serves more
+    (SFD-v) the others through the loaded solver's `at_nfe(n)`."""
 
     name: str
     student_section: type
@@ -63,6 +65,22 @@ class Method:
     arrays: tuple[str, ...] = ()  # the artifact arrays `load` reads (`name.*` is a prefix); others are refused
     # `check(model, student, train)`: settings that depend on the model, refused (BadInput) before the teacher runs
     check: Callable[[Any, Any, Any], None] = lambda model, student, train: None
+    serves: Callable[[Artifact], list[int]] = lambda artifact: [int(artifact.meta["nfe"])]
+
+    def check_nfe(self, artifact: Artifact, nfe: int) -> None:
+        """Refuse an NFE the artifact does not serve, naming the ones it does (before any model is loaded)."""
+        served = self.serves(artifact)
+        if nfe not in served:
+            raise BadInput(
+                f"--nfe: {artifact.path or 'the artifact'} was distilled for NFE "
+                f"{', '.join(map(str, served))}, not {nfe}; drop --nfe"
+            )
+
+    def solver_at(self, artifact: Artifact, model: Any, nfe: int) -> Solver:
+        """The artifact's solver at `nfe`, one of the NFEs it `serves`."""
+        self.check_nfe(artifact, nfe)
+        solver = self.load(artifact, model)
+        return solver if nfe == int(artifact.meta["nfe"]) else solver.at_nfe(nfe)
 
     def configs(self, student: dict, train: dict) -> tuple[Any, Any]:
         """Validate a recipe's `student` and `train` sections against this method's keys."""

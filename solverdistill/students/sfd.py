@@ -467,6 +467,12 @@ def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
     return SFDSolver(den, s, grid, s.nfe, s.nfe if s.variable else None)
 
 
+def serves(artifact: Artifact) -> list[int]:
+    """SFD-v samples at every NFE of its `nfe_set` (the ones its step condition and adapters were trained on), SFD
+    at its own."""
+    return sorted(set(nfes_of(stored_settings(artifact, SFDStudent))) | {int(artifact.meta["nfe"])})
+
+
 def untrained(artifact: Artifact) -> Artifact:
     """The original network: no weights in the artifact means the model's own (load() keeps them)."""
     return Artifact(
@@ -485,5 +491,6 @@ register(
         "fine-tunes the network for few steps (SFD, SFD-v)",
         work=lambda s, t: t.iterations * (2 if s.nfe == 1 and not s.init and not s.variable else 1),
         arrays=("net.*", "grid"),
+        serves=serves,
     )
 )
