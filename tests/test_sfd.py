@@ -6,6 +6,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from solverdistill import artifacts, grids, students
 from solverdistill.errors import BadInput
@@ -540,6 +541,40 @@ def test_step_adapters_start_at_no_change_and_run_only_the_active_nfe(toy):
         step_adapters.attach(net, [2], 4)
     bare = resolve("python:tinytoy:plain").net  # no choice of its own: every ungrouped Conv2d
     assert step_adapters.attach(copy.deepcopy(bare), [2], 1).names == ["conv"]
+
+
+def test_step_adapters_on_a_network_of_linear_layers():
+    """No convolution: every linear layer gets a pair (but not attention's output projection, which
+    nn.MultiheadAttention reads as a weight and never calls); zero at the start, then only the active NFE acts."""
+
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(6, 8), nn.Linear(8, 6)
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(h + self.att(h, h, h)[0])
+
+    torch.manual_seed(0)
+    net, x = Mixer(), torch.randn(2, 3, 6)
+    with torch.no_grad():
+        plain = net(x)
+        adapters = step_adapters.attach(net, [2, 3], 2)
+        assert adapters.names == ["inp", "out"]
+        for n in (2, 3):
+            step_adapters.select(net, n)
+            assert torch.equal(net(x), plain)
+        for key, up in adapters.up.items():
+            if key.endswith("@3"):
+                up.weight.normal_()
+        step_adapters.select(net, 2)
+        assert torch.equal(net(x), plain)
+        step_adapters.select(net, 3)
+        assert not torch.allclose(net(x), plain)
+    with pytest.raises(BadInput, match="no 2-D convolution or linear layer"):
+        step_adapters.attach(nn.Sequential(nn.SiLU()), [2], 2)
 
 
 def test_sfd_v_with_adapters_needs_no_step_condition_and_round_trips(toy, tmp_path):

@@ -14,26 +14,63 @@ from ..errors import BadInput
 NAME = "step_adapters"  # the submodule's name in the network, so its weights are saved as net.step_adapters.*
 
 
+def adaptable(m: nn.Module) -> bool:
+    """Layers an adapter pair can sit beside: ungrouped 2-D convolutions and linear layers."""
+    return (isinstance(m, nn.Conv2d) and m.groups == 1) or isinstance(m, nn.Linear)
+
+
 def targets(net: nn.Module) -> list[str]:
-    """The convolutions that get adapters: the network's own choice (`step_adapter_targets()`, names of Conv2d
-    modules), else every ungrouped 2-D convolution."""
+    """The layers that get adapters: the network's own choice (`step_adapter_targets()`, names of Conv2d or Linear
+    modules), else every ungrouped 2-D convolution, else (a network without any, e.g. a transformer or an MLP)
+    every linear layer."""
     chosen = getattr(net, "step_adapter_targets", None)
     names = list(chosen()) if callable(chosen) else None
     if names is None:
         names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+        # attention's output projection is read as a weight by F.multi_head_attention_forward, never called: a hook
+        # on it would never run
+        inside = {
+            f"{n}.{c}" if n else c
+            for n, m in net.named_modules()
+            if isinstance(m, nn.MultiheadAttention)
+            for c, _ in m.named_children()
+        }
+        names = names or [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and n not in inside]
     for n in names:
-        m = net.get_submodule(n)
-        if not isinstance(m, nn.Conv2d) or m.groups != 1:
-            raise BadInput(f"student.adapters: {n} is not an ungrouped Conv2d of the network")
+        if not adaptable(net.get_submodule(n)):
+            raise BadInput(f"student.adapters: {n} is not an ungrouped Conv2d or a Linear layer of the network")
     if not names:
-        raise BadInput("student.adapters: the network has no 2-D convolution to adapt")
+        raise BadInput("student.adapters: the network has no 2-D convolution or linear layer to adapt")
     return names
 
 
+def pair(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
+    """(A, B) for one layer: A reads the layer's input as the layer does (a convolution's kernel, stride, padding
+    and padding mode) down to `rank` channels, B maps back to the layer's output, zero at the start."""
+    if isinstance(layer, nn.Linear):
+        down, up = nn.Linear(layer.in_features, rank, bias=False), nn.Linear(rank, layer.out_features, bias=False)
+    else:
+        down = nn.Conv2d(
+            layer.in_channels,
+            rank,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            bias=False,
+            padding_mode=layer.padding_mode,
+        )
+        up = nn.Conv2d(rank, layer.out_channels, 1, bias=False)
+    nn.init.zeros_(up.weight)
+    w = layer.weight
+    return down.to(w.device, w.dtype), up.to(w.device, w.dtype)
+
+
 class StepAdapters(nn.Module):
-    """At NFE n each adapted convolution `conv(x)` becomes `conv(x) + B_n(A_n(x))`: A_n a convolution of the same
-    kernel, stride and padding (mode too) down to `rank` channels, B_n a 1x1 convolution back, zero at the start so that the
-    untrained student is the original network. Only the active NFE's pair runs (`active`; None: none)."""
+    """At NFE n each adapted layer `f(x)` (a convolution or a linear layer) becomes `f(x) + B_n(A_n(x))`: A_n reads
+    x as f does, down to `rank` channels (a convolution of the same kernel, stride and padding; a linear map),
+    B_n maps back (a 1x1 convolution; a linear map) and starts at zero, so the untrained student is the original
+    network. Only the active NFE's pair runs (`active`; None: none)."""
 
     def __init__(self, net: nn.Module, nfes: Iterable[int], rank: int) -> None:
         super().__init__()
@@ -41,30 +78,15 @@ class StepAdapters(nn.Module):
         self.names = targets(net)
         self.down, self.up = nn.ModuleDict(), nn.ModuleDict()
         for name in self.names:
-            conv = net.get_submodule(name)
             for n in self.nfes:
-                down = nn.Conv2d(
-                    conv.in_channels,
-                    rank,
-                    conv.kernel_size,
-                    conv.stride,
-                    conv.padding,
-                    conv.dilation,
-                    bias=False,
-                    padding_mode=conv.padding_mode,
-                )
-                up = nn.Conv2d(rank, conv.out_channels, 1, bias=False)
-                nn.init.zeros_(up.weight)
-                w = conv.weight
-                self.down[self.key(name, n)] = down.to(w.device, w.dtype)
-                self.up[self.key(name, n)] = up.to(w.device, w.dtype)
+                self.down[self.key(name, n)], self.up[self.key(name, n)] = pair(net.get_submodule(name), rank)
 
     @staticmethod
     def key(name: str, nfe: int) -> str:
         return f"{name.replace('.', '__')}@{nfe}"  # ModuleDict keys may not hold dots
 
     def correct(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        """The forward hook on convolution `name`: its output plus the active NFE's low-rank term."""
+        """The forward hook on layer `name`: its output plus the active NFE's low-rank term."""
         if self.active is None:
             return output
         k = self.key(name, int(self.active))
