@@ -577,21 +577,17 @@ def test_step_adapters_on_a_network_of_linear_layers():
         step_adapters.attach(nn.Sequential(nn.SiLU()), [2], 2)
 
 
-def test_distill_reports_sfd_v_at_every_nfe_it_serves(toy, recipe_file, tmp_path):
+def test_distill_reports_sfd_v_at_every_nfe_it_serves(toy, tmp_path):
     """`distill` measures an SFD-v student on the held-out seeds at each NFE of its nfe_set, not at student.nfe
     only; the artifact keeps them in meta.metrics.heldout_rmse_by_nfe."""
+    from dataclasses import replace
+
     from solverdistill.pipeline import distill
 
-    recipe_file(
-        tmp_path / "v.yaml",
-        name="sfdv",
-        model="python:tinytoy:make",
-        output=tmp_path / "v.npz",
-        teacher={"steps": 16, "num_samples": 40, "batch": 20, "cache": str(toy / "cache")},
-        student={"method": "sfd", "nfe": 2, "variable": True, "nfe_set": "2,3"},
-        train={"iterations": 2, "batch": 4, "heldout": 8, "lr": 1e-3},
-    )
-    rep = distill(load_recipe(tmp_path / "v.yaml"), say=lambda m: None)
+    rec = load_recipe(toy / "r.yaml")  # the module's toy network and cache, an SFD-v student
+    student = rec.student | {"variable": True, "nfe_set": "2,3"}
+    rec = replace(rec, student=student, train=rec.train | {"iterations": 2}, output=str(tmp_path / "v.npz"))
+    rep = distill(rec, say=lambda m: None)
     by_nfe = rep.metrics["heldout_rmse_by_nfe"]
     assert set(by_nfe) == {"2", "3"} and by_nfe["2"] == rep.metrics["heldout_rmse"] and by_nfe["3"] != by_nfe["2"]
     assert rep.rows[-1] == ("sfd (this artifact) at NFE 3", by_nfe["3"])
