@@ -52,8 +52,9 @@ class SFDStudent:
     rho: float = field(default=7.0, metadata={"min": 0.0})
     variable: bool = False  # SFD-v: one network for every NFE in nfe_set
     nfe_set: str = "2,3,4,5"
-    # SFD-v: rank of per-NFE low-rank adapters on the network's convolutions or linear layers (0: the step condition alone, the
-    # paper's). Not in the paper: the NFEs then stop pulling shared weights apart (docs/students.md "SFD and SFD-v").
+    # SFD-v: rank of per-NFE low-rank adapters on the network's convolutions or linear layers (0: the step condition
+    # alone, the paper's). Not in the paper: the NFEs then stop pulling shared weights apart (docs/students.md "SFD
+    # and SFD-v").
     adapters: int = field(default=0, metadata={"min": 0, "max": 4096})
     # An SFD artifact whose weights training starts from; "" = the model's own (NFE 1: an NFE-2 stage first).
     init: str = ""
