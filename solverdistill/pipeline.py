@@ -244,11 +244,12 @@ def distill(
         others = [n for n in method.serves(artifact) if n != s_cfg.nfe]  # SFD-v: the rest of its nfe_set
         # On a real network the evaluation is minutes of its own: every handcrafted solver on the held-out seeds.
         with progress_factory(2 + len(plans) + len(others), f"held-out evaluation ({len(held)} trajectories)") as bar:
-            student_rmse = heldout_rmse(method.load(artifact, model), model, cache, held)
+            student = method.load(artifact, model)
+            student_rmse = heldout_rmse(student, model, cache, held)
             bar(1, info="student")
             by_nfe = {s_cfg.nfe: student_rmse}
-            for n in others:
-                by_nfe[n] = heldout_rmse(method.solver_at(artifact, model, n), model, cache, held)
+            for n in others:  # the loaded network at its other NFEs (Method.serves), not a fresh copy for each
+                by_nfe[n] = heldout_rmse(student.at_nfe(n), model, cache, held)
                 bar(1, info=f"student at NFE {n}")
             initial = heldout_rmse(method.load(method.untrained(artifact), model), model, cache, held)
             bar(1, info="initial rule")

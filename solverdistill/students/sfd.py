@@ -276,7 +276,7 @@ def step_condition_parameters(net: Any) -> list[torch.nn.Parameter]:
     """The parameters that carry the network's step condition (SFD-v): what its `step_condition_parameters()`
     returns (none without one), and its per-NFE adapters (`student.adapters`)."""
     found = getattr(net, "step_condition_parameters", None)
-    adapters = getattr(net, step_adapters.NAME, None)
+    adapters = step_adapters.check(net, None)
     return (list(found()) if callable(found) else []) + (list(adapters.parameters()) if adapters is not None else [])
 
 
@@ -297,10 +297,11 @@ def tune(
         step_adapters.attach(student.net, nfes, s.adapters)
     if weights is not None:
         own = student.net.state_dict()
-        if set(weights) - set(own):
+        extra = sorted(set(weights) - set(own))
+        if extra:
             raise BadInput(
                 f"student.init: its weights hold parameters this student lacks (adapters of another "
-                f"student.adapters or nfe_set?): {sorted(set(weights) - set(own))[:3]}"
+                f"student.adapters or nfe_set?): {extra[:3]}"
             )
         student.net.load_state_dict({**own, **weights})  # adapters the init lacks start at their zero effect
     net = student.net.train().requires_grad_(True)

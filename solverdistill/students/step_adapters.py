@@ -26,22 +26,25 @@ def targets(net: nn.Module) -> list[str]:
     chosen = getattr(net, "step_adapter_targets", None)
     names = list(chosen()) if callable(chosen) else None
     if names is None:
-        names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-        # attention's output projection is read as a weight by F.multi_head_attention_forward, never called: a hook
-        # on it would never run
-        inside = {
-            f"{n}.{c}" if n else c
-            for n, m in net.named_modules()
-            if isinstance(m, nn.MultiheadAttention)
-            for c, _ in m.named_children()
-        }
-        names = names or [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and n not in inside]
+        names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1] or linear_layers(net)
     for n in names:
         if not adaptable(net.get_submodule(n)):
             raise BadInput(f"student.adapters: {n} is not an ungrouped Conv2d or a Linear layer of the network")
     if not names:
         raise BadInput("student.adapters: the network has no 2-D convolution or linear layer to adapt")
     return names
+
+
+def linear_layers(net: nn.Module) -> list[str]:
+    """Every linear layer but attention's output projection, whose weight F.multi_head_attention_forward reads
+    without calling the module: a hook on it would never run."""
+    inside = {
+        f"{n}.{c}" if n else c
+        for n, m in net.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for c, _ in m.named_children()
+    }
+    return [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and n not in inside]
 
 
 def pair(layer: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
