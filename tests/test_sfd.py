@@ -634,6 +634,12 @@ def test_sfd_v_with_adapters_needs_no_step_condition_and_round_trips(toy, tmp_pa
     with torch.no_grad():
         own = sfd.euler_plan(s, untrained.plan.sigmas, 3).solve(model, x)
     assert torch.allclose(untrained.solve(model, x), own, atol=1e-6)
+    forged = artifacts.load(path)  # an nfe_set claiming 900 NFEs is refused before any pair is built for them
+    forged.meta["student"]["nfe_set"] = ",".join(map(str, range(2, 902)))
+    with pytest.raises(
+        BadInput, match=r"nfe_set \(2,3,4,.*\) differs from the NFEs its adapter weights are for \(\[2, 3\]\)"
+    ):
+        method.load(forged, model)
     with pytest.raises(BadInput, match="student.adapters: per-NFE adapters are for SFD-v"):
         method.fit(cache, model, *method.configs({"method": "sfd", "adapters": 2}, {"iterations": 1, "heldout": 8}))
     with pytest.raises(BadInput, match="student.init: its weights hold parameters this student lacks"):

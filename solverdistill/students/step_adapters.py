@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -106,6 +107,13 @@ def attach(net: nn.Module, nfes: Iterable[int], rank: int) -> StepAdapters:
         net.get_submodule(name).register_forward_hook(functools.partial(adapters.correct, name))
     net.add_module(NAME, adapters)
     return adapters
+
+
+def stored_nfes(names: Iterable[str], prefix: str = "") -> set[int]:
+    """The NFEs that saved adapter weights (state_dict names under `prefix`) have pairs for, read from the names
+    alone: a file's claim is checked against them before anything is built for it."""
+    lead = f"{prefix}{NAME}."
+    return {int(m.group(1)) for n in names if n.startswith(lead) and (m := re.search(r"@(\d+)\.", n))}
 
 
 def check(net: Any, nfe: int | None) -> StepAdapters | None:
