@@ -439,12 +439,12 @@ def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
     if s.adapters:
         if not s.variable:
             raise BadInput(f"{where}: meta.student.adapters ({s.adapters}) needs meta.student.variable: true")
-        saved = step_adapters.stored_nfes(artifact.arrays, "net.")
-        if any(k.startswith("net.") for k in artifact.arrays) and saved != set(nfes_of(s)):
+        claimed, saved = nfes_of(s), step_adapters.stored_nfes(artifact.arrays, "net.")
+        if any(k.startswith("net.") for k in artifact.arrays) and saved != set(claimed):
             # checked on the names before building a pair per claimed NFE, which a forged nfe_set could make huge
+            listed = ", ".join(map(str, claimed[:6])) + (f", ... ({len(claimed)} in all)" if len(claimed) > 6 else "")
             raise BadInput(
-                f"{where}: meta.student.nfe_set ({s.nfe_set}) differs from the NFEs its adapter weights are for "
-                f"({sorted(saved)})"
+                f"{where}: meta.student.nfe_set names NFE {listed}, but its adapter weights are for NFE {sorted(saved)}"
             )
         with torch.random.fork_rng(devices=[]):  # the adapters' random start must not move the caller's generator
             step_adapters.attach(den.net, nfes_of(s), s.adapters)
