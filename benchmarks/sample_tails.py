@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from solverdistill import artifacts, students
-from solverdistill.comparison import split_afs
+from solverdistill.comparison import ARTIFACT_SUFFIXES, split_afs
 from solverdistill.evaluation import acceleration_ratio, sample_errors
 from solverdistill.models import resolve
 from solverdistill.solvers import plan
@@ -44,7 +44,7 @@ print(f"| solver | RMSE | misses | worst 1 / 2 / 5 carry | RMSE without worst 1 
 print("|---|---|---|---|---|---|" + ("---|" if curve else ""))
 fitted: dict[int, list[float]] = {}  # artifact RMSEs by NFE, for their mean
 for name in args.solvers:
-    is_artifact = name.endswith((".npz", ".yaml", ".yml"))
+    is_artifact = name.endswith(ARTIFACT_SUFFIXES)
     if is_artifact:
         art = artifacts.load(name, fingerprint=model.fingerprint)
         solver, label = students.get(art.method).load(art, model), f"{name} (NFE {art.meta['nfe']})"

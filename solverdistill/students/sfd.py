@@ -435,22 +435,24 @@ def load(artifact: Artifact, model: Denoiser | None) -> SFDSolver:
         raise BadInput(f"{where}: meta.student.nfe ({s.nfe}) differs from meta.nfe ({artifact.meta['nfe']})")
     if model is None or model.net is None:
         raise BadInput(f"{where}: an SFD artifact needs its model ({artifact.meta.get('model')})")
-    den = copy.deepcopy(model)
+    names = {k[4:] for k in artifact.arrays if k.startswith("net.")}  # none: the untrained student
     if s.adapters:
         if not s.variable:
             raise BadInput(f"{where}: meta.student.adapters ({s.adapters}) needs meta.student.variable: true")
-        claimed, saved = nfes_of(s), step_adapters.stored_nfes(artifact.arrays, "net.")
-        if any(k.startswith("net.") for k in artifact.arrays) and saved != set(claimed):
-            # checked on the names before building a pair per claimed NFE, which a forged nfe_set could make huge
+        claimed, saved = nfes_of(s), step_adapters.stored_nfes(names)
+        if names and saved != set(claimed):
+            # checked on the names before copying the network and building a pair per claimed NFE, which a forged
+            # nfe_set could make huge
             listed = ", ".join(map(str, claimed[:6])) + (f", ... ({len(claimed)} in all)" if len(claimed) > 6 else "")
             raise BadInput(
                 f"{where}: meta.student.nfe_set names NFE {listed}, but its adapter weights are for NFE {sorted(saved)}"
             )
+    den = copy.deepcopy(model)
+    if s.adapters:
         with torch.random.fork_rng(devices=[]):  # the adapters' random start must not move the caller's generator
-            step_adapters.attach(den.net, nfes_of(s), s.adapters)
+            step_adapters.attach(den.net, claimed, s.adapters)
     state = den.net.state_dict()
-    names = {k[4:] for k in artifact.arrays if k.startswith("net.")}
-    if names and names != set(state):  # none: the untrained student, the model's own weights
+    if names and names != set(state):  # none: the model's own weights
         raise BadInput(
             f"{where}: its weights are for another network than {model.spec} "
             f"({len(names ^ set(state))} parameter names differ)"

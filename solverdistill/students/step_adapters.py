@@ -109,11 +109,10 @@ def attach(net: nn.Module, nfes: Iterable[int], rank: int) -> StepAdapters:
     return adapters
 
 
-def stored_nfes(names: Iterable[str], prefix: str = "") -> set[int]:
-    """The NFEs that saved adapter weights (state_dict names under `prefix`) have pairs for, read from the names
-    alone: a file's claim is checked against them before anything is built for it."""
-    lead = f"{prefix}{NAME}."
-    return {int(m.group(1)) for n in names if n.startswith(lead) and (m := re.search(r"@(\d+)\.", n))}
+def stored_nfes(names: Iterable[str]) -> set[int]:
+    """The NFEs that saved adapter weights (the network's state_dict names) have pairs for, read from the names
+    alone (`StepAdapters.key`: `layer@nfe`): a file's claim is checked against them before anything is built."""
+    return {int(m.group(1)) for n in names if n.startswith(f"{NAME}.") and (m := re.search(r"@(\d+)\.", n))}
 
 
 def check(net: Any, nfe: int | None) -> StepAdapters | None:
